@@ -1,0 +1,71 @@
+"""The interface every defense implements; the trainer calls only these hooks.
+
+Shapes: x (B, C, H, W) float32 normalized input; z (B, C', H', W') float32 head output;
+logits (B, K); y (B,) int64.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Defense:
+    """Hooks, in the order the trainer calls them each step:
+
+    1. ``adversary_step(x, z.detach(), y)``: update the defense's own adversaries
+       (decoders, estimators) with their own optimizer; returns logged scalars.
+    2. ``transform(z)``: the training-time feature transform before the tail (noise, dropout,
+       sampling); at inference the device applies ``inference_noise()`` instead.
+    3. ``loss(x, z, logits, y)``: extra loss terms, already weighted, added to the task loss.
+    """
+
+    name = "base"
+    description = ""
+    paper = "-"
+
+    def __init__(self, strength: float = 0.0, **options):
+        if options:
+            raise ValueError(f"defense {self.name} has no options {', '.join(sorted(options))}")
+        self.strength = float(strength)
+        self.modules = nn.ModuleDict()  # extra trainable modules, checkpointed with the model
+
+    def setup(self, head: nn.Module, tail: nn.Module, input_shape, feature_shape, num_classes: int) -> None:
+        """Build the extra modules once shapes are known."""
+
+    def parameters(self):
+        """Parameters trained jointly with the head and tail (not the adversaries')."""
+        return []
+
+    def adversary_step(self, x: torch.Tensor, z: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        return {}
+
+    def transform(self, z: torch.Tensor) -> torch.Tensor:
+        return z
+
+    def loss(self, x, z, logits, y) -> dict[str, torch.Tensor]:
+        return {}
+
+    def eval_transform(self, z: torch.Tensor) -> torch.Tensor:
+        """What float evaluation applies to features: the inference-time randomness, in float."""
+        return z
+
+    def inference_noise(self) -> dict | None:
+        """What the device runtime must add after the head, or None."""
+        return None
+
+    def state_dict(self) -> dict:
+        return {"modules": self.modules.state_dict(), "optimizers": self._optimizer_states()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.modules.load_state_dict(state["modules"])
+        self._load_optimizer_states(state.get("optimizers", {}))
+
+    def _optimizer_states(self) -> dict:
+        return {}
+
+    def _load_optimizer_states(self, states: dict) -> None:
+        pass
+
+    def to(self, device) -> "Defense":
+        self.modules.to(device)
+        return self

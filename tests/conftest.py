@@ -1,0 +1,27 @@
+"""Shared test helpers: where the real datasets live, and a quick digits run."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_datasets() -> Path:
+    """../shared/datasets beside the checkout (EDGEVEIL_SHARED_DATA overrides)."""
+    env = os.environ.get("EDGEVEIL_SHARED_DATA")
+    return Path(env) if env else REPO.parent / "shared" / "datasets"
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    path = shared_datasets()
+    if not path.is_dir():
+        pytest.skip(f"real datasets not found at {path} (set EDGEVEIL_SHARED_DATA)")
+    return path
+
+
+# A digits run that trains in seconds: tiny width, two epochs.
+QUICK = ["model.width=tiny", "train.epochs=2", "train.batch_size=32", "train.device=cpu"]

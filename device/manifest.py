@@ -1,0 +1,210 @@
+"""The export manifest (``runs/<name>/export/manifest.json``): schema, checks, atomic JSON I/O.
+
+Standard library only, so a board can read a manifest with nothing but Python. The exporter
+builds entries with `tensor_entry` / `artifact_entry` and validates the whole document with
+`validate_manifest` before writing; readers call `read_manifest`, which raises a ValueError
+naming the file and the field. Keys not listed here are allowed (later stages add their own,
+e.g. TFLite Micro arena bytes), so the schema only grows by adding optional fields.
+
+Layout (abridged)::
+
+    {"schema": "edgeveil.manifest/1", "model_id": "<16 hex: sha256 prefix of the int8 head>",
+     "source": {...}, "tools": {...}, "onnx": {...}, "converter": {...}, "calibration": {...},
+     "input_spec": {"shape": [1, H, W, C], "layout": "NHWC", "dtype": "uint8",
+                    "pixel_scaling": "x/255", "mean": [...], "std": [...]},
+     "inference_noise": null | {...},
+     "artifacts": {"int8": {"file": "head_int8.tflite", "precision": "int8", "sha256": ...,
+                            "bytes": ..., "inputs": [tensor], "outputs": [tensor],
+                            "operators": ["CONV_2D", ...], ...}, ...}}
+
+    tensor = {"name", "shape", "dtype", "scale", "zero_point"}   (scale/zero_point null if float)
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import uuid
+from pathlib import Path
+
+__all__ = [
+    "SCHEMA_VERSION", "PRECISIONS", "tensor_entry", "artifact_entry", "validate_manifest",
+    "read_manifest", "artifact_path", "sha256_file", "write_json_atomic",
+]
+
+SCHEMA_VERSION = "edgeveil.manifest/1"
+PRECISIONS = ("fp32", "fp16", "dynamic", "int8", "int16x8")
+_TOP_FIELDS = {"schema": str, "model_id": str, "source": dict, "tools": dict, "onnx": dict,
+               "converter": dict, "calibration": dict, "input_spec": dict, "artifacts": dict}
+_INPUT_SPEC_FIELDS = {"shape": list, "layout": str, "dtype": str, "pixel_scaling": str,
+                      "mean": list, "std": list}
+_ARTIFACT_FIELDS = {"file": str, "precision": str, "sha256": str, "bytes": int, "inputs": list,
+                    "outputs": list, "operators": list}
+_TENSOR_FIELDS = {"name": str, "shape": list, "dtype": str}
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_HEX16 = re.compile(r"[0-9a-f]{16}")
+
+
+class _Invalid(ValueError):
+    """A schema problem at one field; `read_manifest` adds the file name."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"field {field} {problem}")
+
+
+# ------------------------------------------------------------------------------- building
+
+
+def tensor_entry(name: str, shape, dtype: str, scale: float | None, zero_point: int | None) -> dict:
+    """One model input or output: shape as a list of ints, dtype as a numpy name ('int8')."""
+    entry = {"name": str(name), "shape": [int(d) for d in shape], "dtype": str(dtype),
+             "scale": None if scale is None else float(scale),
+             "zero_point": None if zero_point is None else int(zero_point)}
+    _check_tensor(entry, "tensor")
+    return entry
+
+
+def artifact_entry(*, file: str, precision: str, sha256: str, bytes: int, inputs: list,
+                   outputs: list, operators: list, **extra) -> dict:
+    """An artifact's manifest entry; `extra` (parity, accuracies, ...) is kept as given."""
+    entry = {"file": file, "precision": precision, "sha256": sha256, "bytes": bytes,
+             "inputs": inputs, "outputs": outputs, "operators": operators, **extra}
+    _check_artifact(entry, f"artifacts.{precision}")
+    return entry
+
+
+# ------------------------------------------------------------------------------- checking
+
+
+def validate_manifest(obj, source: str = "manifest") -> dict:
+    """Return `obj` if it is a valid manifest, else raise ValueError naming `source` and the field."""
+    try:
+        _check_manifest(obj)
+    except _Invalid as e:
+        raise ValueError(f"{source}: {e}") from None
+    return obj
+
+
+def read_manifest(path) -> dict:
+    """Read and validate a manifest.json; every problem is a ValueError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: manifest not found (run `edgeveil export` first)")
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    return validate_manifest(obj, str(path))
+
+
+def artifact_path(manifest_path, precision: str, manifest: dict, verify: bool = True) -> Path:
+    """Path of one artifact next to its manifest; with `verify`, its sha256 must match."""
+    entries = manifest["artifacts"]
+    if precision not in entries:
+        raise ValueError(f"{manifest_path}: no artifact {precision!r}; it has {', '.join(entries)}")
+    path = Path(manifest_path).parent / entries[precision]["file"]
+    if verify and sha256_file(path) != entries[precision]["sha256"]:
+        raise ValueError(f"{path} does not match field artifacts.{precision}.sha256 of {manifest_path}")
+    return path
+
+
+def _check_manifest(obj) -> None:
+    if not isinstance(obj, dict):
+        raise _Invalid("(top level)", f"must be a JSON object, got {type(obj).__name__}")
+    _check_fields(obj, _TOP_FIELDS, "")
+    if obj["schema"] != SCHEMA_VERSION:
+        raise _Invalid("schema", f"is {obj['schema']!r}, expected {SCHEMA_VERSION!r}")
+    if not _HEX16.fullmatch(obj["model_id"]):
+        raise _Invalid("model_id", f"must be 16 lowercase hex digits, got {obj['model_id']!r}")
+    if "inference_noise" not in obj:
+        raise _Invalid("inference_noise", "is missing (null when the head adds no noise)")
+    _check_fields(obj["input_spec"], _INPUT_SPEC_FIELDS, "input_spec.")
+    if not obj["artifacts"]:
+        raise _Invalid("artifacts", "is empty")
+    for key, entry in obj["artifacts"].items():
+        _check_artifact(entry, f"artifacts.{key}")
+        if entry["precision"] != key:
+            raise _Invalid(f"artifacts.{key}.precision", f"is {entry['precision']!r}, expected {key!r}")
+
+
+def _check_artifact(entry, where: str) -> None:
+    if not isinstance(entry, dict):
+        raise _Invalid(where, f"must be an object, got {type(entry).__name__}")
+    _check_fields(entry, _ARTIFACT_FIELDS, where + ".")
+    if entry["precision"] not in PRECISIONS:
+        raise _Invalid(f"{where}.precision", f"is {entry['precision']!r}, expected one of {PRECISIONS}")
+    name = entry["file"]
+    if not name or Path(name).name != name or name in (".", ".."):
+        raise _Invalid(f"{where}.file", f"must be a bare file name next to the manifest, got {name!r}")
+    if not _HEX64.fullmatch(entry["sha256"]):
+        raise _Invalid(f"{where}.sha256", "must be 64 lowercase hex digits")
+    if entry["bytes"] <= 0:
+        raise _Invalid(f"{where}.bytes", f"must be > 0, got {entry['bytes']}")
+    for kind in ("inputs", "outputs"):
+        if not entry[kind]:
+            raise _Invalid(f"{where}.{kind}", "is empty")
+        for i, tensor in enumerate(entry[kind]):
+            _check_tensor(tensor, f"{where}.{kind}[{i}]")
+    if not all(isinstance(op, str) and op for op in entry["operators"]):
+        raise _Invalid(f"{where}.operators", "must be a list of operator names")
+
+
+def _check_tensor(tensor, where: str) -> None:
+    if not isinstance(tensor, dict):
+        raise _Invalid(where, f"must be an object, got {type(tensor).__name__}")
+    _check_fields(tensor, _TENSOR_FIELDS, where + ".")
+    if not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in tensor["shape"]):
+        raise _Invalid(f"{where}.shape", f"must be a list of positive ints, got {tensor['shape']!r}")
+    for key in ("scale", "zero_point"):
+        if key not in tensor:
+            raise _Invalid(f"{where}.{key}", "is missing (null for a float tensor)")
+    scale = tensor["scale"]
+    if scale is not None and (not isinstance(scale, (int, float)) or not scale > 0):
+        raise _Invalid(f"{where}.scale", f"must be a number > 0 or null, got {scale!r}")
+    if (scale is None) != (tensor["zero_point"] is None):
+        raise _Invalid(f"{where}.zero_point", "must be null exactly when scale is null")
+
+
+def _check_fields(obj: dict, fields: dict, prefix: str) -> None:
+    for key, kind in fields.items():
+        if key not in obj:
+            raise _Invalid(prefix + key, "is missing")
+        value = obj[key]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise _Invalid(prefix + key, f"must be a {_JSON_NAMES[kind]}, got {type(value).__name__}")
+
+
+_JSON_NAMES = {str: "string", int: "integer", dict: "object", list: "list"}
+
+
+# ------------------------------------------------------------------------------- files
+
+
+def sha256_file(path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_json_atomic(path, obj) -> None:
+    """Write JSON to a temp file in the same folder, fsync it, then os.replace it into place.
+
+    NaN and infinity are refused (they are not JSON); readers never see a half-written file.
+    """
+    path = Path(path)
+    text = json.dumps(obj, indent=2, allow_nan=False) + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "x", encoding="utf-8") as f:  # not mkstemp: keep the umask's permissions
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

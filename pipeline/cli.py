@@ -89,16 +89,19 @@ def _cmd_export(args) -> int:
 
 
 def _print_export_table(manifest: dict) -> None:
-    rows = [("artifact", "bytes", "tail acc", "cosine", "max err", "max steps")]
-    for a in manifest["artifacts"]:
+    rows = [("artifact", "bytes", "tail acc", "cosine", "mean steps", "max steps", "max steps unsat.")]
+    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    for a in manifest["artifacts"].values():
         p = a["parity"]
-        steps = p.get("max_err_steps")
         rows.append((a["file"], f"{a['bytes']:,}", f"{a['tail_accuracy']:.4f}", f"{p['cosine']:.6f}",
-                     f"{p['max_abs_err']:.3g}", "-" if steps is None else f"{steps:.2f}"))
+                     fmt(p.get("mean_err_steps"), ".2f"), fmt(p.get("max_err_steps"), ".2f"),
+                     fmt(p.get("max_err_steps_unsaturated"), ".2f")))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
-    print(f"float (PyTorch) test accuracy: {manifest['float_accuracy']:.4f}")
+    first = next(iter(manifest["artifacts"].values()))
+    print(f"float (PyTorch) test accuracy: {first['float_accuracy']:.4f}; "
+          f"onnx2tf took {manifest['converter']['seconds']:.1f} s")
 
 
 def _cmd_list(args) -> int:

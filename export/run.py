@@ -1,0 +1,274 @@
+"""The export stage on a run directory: train/ -> export/ (ONNX, TFLite per precision, manifest).
+
+Each artifact is run the way the device runs it (numpy pre-processing, the TFLite interpreter
+found by edgeveil.device, XNNPACK on by default) on the whole test split, and compared with the
+PyTorch head; the tail then classifies the artifact's features. manifest.json is written last:
+its presence marks a finished export (an old one is removed before anything is replaced).
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import logging
+import platform
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from edgeveil.device.interpreter import find_interpreter
+from edgeveil.device.interpreter import run as run_model
+from edgeveil.device.manifest import (SCHEMA_VERSION, artifact_entry, sha256_file, tensor_entry,
+                                      validate_manifest, write_json_atomic)
+from edgeveil.device.quant import tensor_qparams
+
+from .convert import ONNX2TF_SUFFIXES, PRECISIONS, check_normalization, check_precisions, convert, onnx2tf_args
+from .convert import tflite_operators
+from .onnx_export import INPUT_NAME, OPSET, OUTPUT_NAME, export_onnx
+from .parity import match_layout, normalize_pixels, parity, prepare_input, quantized_range, read_output
+
+__all__ = ["export_run"]
+
+log = logging.getLogger(__name__)
+_CHUNK = 64  # images per interpreter call batch (progress granularity)
+_TORCH_BATCH = 256
+_TOOLS = {"python": (), "numpy": ("numpy",), "torch": ("torch",), "onnx": ("onnx",), "onnx2tf": ("onnx2tf",),
+          "onnxsim": ("onnxsim",), "tensorflow": ("tensorflow", "tensorflow-cpu"),
+          "ai-edge-litert": ("ai-edge-litert",), "onnxruntime": ("onnxruntime",)}
+
+
+class _TestSet(NamedTuple):
+    """What every artifact is checked against."""
+
+    x: np.ndarray  # float32 (N, H, W, C), normalized the device's way
+    ref: np.ndarray  # float32 (N, *feature_shape), the PyTorch head on x
+    y: np.ndarray  # int64 (N,) labels
+    tail: object  # nn.Module, eval mode
+    n_parity: int  # the first n_parity samples are compared element-wise
+    float_accuracy: float  # the tail on ref
+
+
+def export_run(run_dir: Path, *, precisions=PRECISIONS, calibration_samples: int = 200,
+               parity_samples: int = 256, progress: bool = True) -> dict:
+    """Export the trained head of `run_dir` into run_dir/export/ and return the manifest.
+
+    Calibration: the first `calibration_samples` of a seeded permutation of victim_train (x/255,
+    NHWC). Parity: the first `parity_samples` test images; tail accuracy: the whole test split.
+    """
+    run_dir = Path(run_dir)
+    precisions = check_precisions(precisions)
+    _check_count("calibration_samples", calibration_samples)
+    _check_count("parity_samples", parity_samples)
+    runtime = find_interpreter()  # before the long work: no interpreter, no export
+    from edgeveil.training.runfile import load_run, load_splits
+
+    loaded = load_run(run_dir)  # a garbled run directory raises naming the file: let it surface
+    info, splits = loaded.info, load_splits(loaded.info)
+    spec = _input_spec(info, run_dir)
+    calib, calibration = _calibration(splits.victim_train, calibration_samples, int(info["seed"]), spec)
+    if len(splits.test) == 0:
+        raise ValueError(f"the test split of {run_dir} is empty: nothing to check the export against")
+    out = run_dir / "export"
+    (out / "manifest.json").unlink(missing_ok=True)
+    export_onnx(loaded.head, spec["chw"], out / "head.onnx")
+    started = time.perf_counter()
+    paths = convert(out / "head.onnx", calib, spec["mean"], spec["std"], out, precisions, progress=progress)
+    seconds = time.perf_counter() - started
+    x = normalize_pixels(splits.test.x, spec["mean"], spec["std"])
+    ref = _torch_features(loaded.head, x)
+    _check_feature_shape(info, ref, run_dir)
+    test = _TestSet(x, ref, splits.test.y, loaded.tail, min(parity_samples, len(x)),
+                    _tail_accuracy(loaded.tail, ref, splits.test.y))
+    artifacts = _evaluate_all(runtime, paths, test, progress)
+    manifest = _manifest(run_dir, info, spec, calibration, artifacts, seconds, precisions,
+                         _onnx_entry(out / "head.onnx", x[: test.n_parity], ref[: test.n_parity]))
+    write_json_atomic(out / "manifest.json", validate_manifest(manifest, str(out / "manifest.json")))
+    return manifest
+
+
+# ------------------------------------------------------------------------------- inputs
+
+
+def _check_count(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
+def _input_spec(info: dict, run_dir: Path) -> dict:
+    where = run_dir / "train" / "model.json"
+    shape = info["input"]["shape"]
+    if len(shape) != 3 or not all(isinstance(d, int) and d > 0 for d in shape):
+        raise ValueError(f"{where}: field input.shape must be [C, H, W], got {shape!r}")
+    try:
+        mean, std = check_normalization(info["input"]["mean"], info["input"]["std"], shape[0])
+    except ValueError as e:
+        raise ValueError(f"{where}: field input.mean/input.std: {e}") from None
+    return {"chw": tuple(shape), "mean": mean, "std": std}
+
+
+def _calibration(images, count: int, seed: int, spec: dict) -> tuple[np.ndarray, dict]:
+    """The first `count` images of a seeded permutation, as float32 x/255 NHWC, and its record."""
+    used = min(count, len(images))
+    if used < count:
+        log.warning("victim_train has %d images; calibrating on all of them, not %d", used, count)
+    idx = np.random.default_rng(seed).permutation(len(images))[:used]
+    calib = images.x[idx].astype(np.float32) / np.float32(255.0)
+    record = {"count": used, "split": "victim_train", "seed": seed,
+              "selection": "first count of numpy.random.default_rng(seed).permutation(len(victim_train))",
+              "layout": "NHWC", "pixel_scaling": "x/255", "mean": spec["mean"], "std": spec["std"],
+              "sha256": hashlib.sha256(calib.tobytes()).hexdigest()}
+    return calib, record
+
+
+def _check_feature_shape(info: dict, ref: np.ndarray, run_dir: Path) -> None:
+    recorded = info.get("feature_shape")
+    if recorded is not None and tuple(recorded) != ref.shape[1:]:
+        raise ValueError(f"{run_dir / 'train' / 'model.json'}: field feature_shape is {recorded}, "
+                         f"but the head outputs {list(ref.shape[1:])}")
+
+
+# ------------------------------------------------------------------------------- PyTorch side
+
+
+def _torch_features(head, x_nhwc: np.ndarray) -> np.ndarray:
+    """The float head on exactly the device's normalized input: float32 (N, *feature_shape)."""
+    import torch
+
+    outs = []
+    with torch.no_grad():
+        for i in range(0, len(x_nhwc), _TORCH_BATCH):
+            batch = torch.from_numpy(np.ascontiguousarray(x_nhwc[i : i + _TORCH_BATCH].transpose(0, 3, 1, 2)))
+            outs.append(head(batch).float().numpy())
+    return np.concatenate(outs)
+
+
+def _tail_accuracy(tail, features: np.ndarray, y: np.ndarray) -> float:
+    import torch
+
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(features), _TORCH_BATCH):
+            logits = tail(torch.from_numpy(np.ascontiguousarray(features[i : i + _TORCH_BATCH])))
+            correct += int((logits.argmax(dim=1).numpy() == y[i : i + _TORCH_BATCH]).sum())
+    return correct / len(features)
+
+
+# ------------------------------------------------------------------------------- TFLite side
+
+
+def _evaluate_all(runtime, paths: dict, test: _TestSet, progress: bool) -> dict:
+    from tqdm.auto import tqdm
+
+    results = {}
+    with tqdm(total=len(paths), desc="artifacts", unit="model", disable=not progress) as bar:
+        for precision, path in paths.items():
+            bar.set_postfix_str(precision)
+            results[precision] = _evaluate(runtime, precision, path, test, progress)
+            bar.update(1)
+    return results
+
+
+def _evaluate(runtime, precision: str, path: Path, test: _TestSet, progress: bool) -> dict:
+    """Run one artifact on the whole test split the device's way; its manifest entry."""
+    model = runtime.make(path)
+    inp, out = model.get_input_details()[0], model.get_output_details()[0]
+    raw = _run_all(model, prepare_input(test.x, inp), f"{precision} on test", progress)
+    features, layout = match_layout(read_output(raw, out), test.ref.shape[1:])
+    n = test.n_parity
+    return artifact_entry(
+        file=path.name, precision=precision, sha256=sha256_file(path), bytes=path.stat().st_size,
+        inputs=[_tensor(inp)], outputs=[_tensor(out)], operators=tflite_operators(path),
+        output_layout=layout,
+        parity=parity(test.ref[:n], features[:n], tensor_qparams(out)[0], quantized_range(out)),
+        tail_accuracy=_tail_accuracy(test.tail, features, test.y), float_accuracy=test.float_accuracy,
+        interpreter={"name": model.runtime, "version": model.version, "resolver": model.resolver,
+                     "xnnpack": model.xnnpack})
+
+
+def _run_all(model, xin: np.ndarray, desc: str, progress: bool) -> np.ndarray:
+    from tqdm.auto import tqdm
+
+    outs = []
+    with tqdm(total=len(xin), desc=desc, unit="img", leave=False, disable=not progress) as bar:
+        for i in range(0, len(xin), _CHUNK):
+            outs.append(run_model(model, xin[i : i + _CHUNK]))
+            bar.update(len(outs[-1]))
+    return np.concatenate(outs)
+
+
+def _tensor(detail: dict) -> dict:
+    scale, zero_point, dtype = tensor_qparams(detail)
+    return tensor_entry(detail["name"], detail["shape"], dtype.name, scale, zero_point)
+
+
+def _onnx_entry(path: Path, x_nhwc: np.ndarray, ref: np.ndarray) -> dict:
+    """head.onnx's record, with its parity under onnxruntime (None when onnxruntime is missing)."""
+    entry = {"file": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size, "opset": OPSET,
+             "input": INPUT_NAME, "output": OUTPUT_NAME, "dynamic_batch": True, "parity": None}
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        log.warning("onnxruntime is not installed: head.onnx is not checked against PyTorch")
+        return entry
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(x_nhwc.transpose(0, 3, 1, 2))})[0]
+    entry["parity"] = parity(ref, got, None)
+    return entry
+
+
+# ------------------------------------------------------------------------------- manifest
+
+
+def _manifest(run_dir: Path, info: dict, spec: dict, calibration: dict, artifacts: dict,
+              seconds: float, precisions: tuple, onnx_entry: dict) -> dict:
+    id_from = "int8" if "int8" in artifacts else next(iter(artifacts))
+    c, h, w = spec["chw"]
+    command = ["onnx2tf", *onnx2tf_args(Path("head.onnx"), Path("<tmp>/out"), Path("<tmp>/calibration.npy"),
+                                        INPUT_NAME, spec["mean"], spec["std"], precisions)]
+    return {
+        "schema": SCHEMA_VERSION,
+        "model_id": artifacts[id_from]["sha256"][:16],
+        "model_id_from": id_from,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "source": _source(run_dir, info),
+        "tools": _tool_versions(),
+        "onnx": onnx_entry,
+        "converter": {"tool": "onnx2tf", "command": command, "quantization": "per-channel",
+                      "seconds": round(seconds, 2), "log": "onnx2tf.log",
+                      "files": {p: f"head_{ONNX2TF_SUFFIXES[p]}.tflite" for p in precisions}},
+        "calibration": calibration,
+        "input_spec": {"shape": [1, h, w, c], "layout": "NHWC", "dtype": "uint8", "pixel_scaling": "x/255",
+                       "mean": spec["mean"], "std": spec["std"], "normalization": "(x/255 - mean) / std",
+                       "quantization_rounding": "reference"},
+        "feature_shape": list(info["feature_shape"]),
+        "evaluation": {"test_split": "test", "parity_samples": next(iter(artifacts.values()))["parity"]["n"],
+                       "interpreter_defaults": "XNNPACK on, default threads"},
+        "inference_noise": info.get("inference_noise"),
+        "artifacts": artifacts,
+    }
+
+
+def _source(run_dir: Path, info: dict) -> dict:
+    train = run_dir / "train"
+    return {"run": run_dir.name, "arch": info["arch"], "split": info["split"], "width": info.get("width"),
+            "defense": info["defense"], "num_classes": info["num_classes"],
+            "model_json_sha256": sha256_file(train / "model.json"),
+            "head_pt_sha256": sha256_file(train / "head.pt")}
+
+
+def _tool_versions() -> dict:
+    versions = {}
+    for tool, dists in _TOOLS.items():
+        versions[tool] = platform.python_version() if tool == "python" else _dist_version(dists)
+    return versions
+
+
+def _dist_version(dists: tuple[str, ...]) -> str | None:
+    for dist in dists:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return None

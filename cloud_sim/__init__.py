@@ -1,3 +1,3 @@
 """Stage 4: the cloud server that completes inference and, as the adversary, attacks the features it received."""
 
-__all__: list[str] = []
+__all__ = ["server", "store"]

@@ -1,3 +1,9 @@
-"""Stage 3, the board side: interpreter discovery, input quantization, the manifest (numpy + stdlib only)."""
+"""Stage 3, the board side (numpy + stdlib only; a TFLite interpreter is found at run time).
 
-__all__ = ["interpreter", "manifest", "quant"]
+interpreter: find an interpreter, load a model.   quant: affine quantization as TFLite does it.
+manifest: the export manifest.   runner: raw pixels -> the head's features, with inference noise.
+bench: device benchmark.   wire: authenticated feature frames.   client: HTTP client for the cloud.
+Nothing is imported here: `import edgeveil.device.runner` etc. loads what it needs.
+"""
+
+__all__ = ["interpreter", "quant", "manifest", "runner", "bench", "wire", "client"]

@@ -1,0 +1,81 @@
+"""`edgeveil-device`: the board-side command. Imports only edgeveil.device (numpy + an interpreter).
+
+    edgeveil-device bench MODEL.tflite [--runs N --warmup N --threads T --no-xnnpack --json PATH]
+
+Prints a short table (and with --json writes the full result atomically). Problems the user can fix
+(missing or corrupt model, no interpreter, a setting the runtime cannot honour) print one line on
+stderr and exit 1, without a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+__all__ = ["main"]
+
+_PROG = "edgeveil-device"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=_PROG, description="edgeveil on the board: benchmark a TFLite head "
+                                     "with numpy and a TFLite interpreter only.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    bench = sub.add_parser("bench", help="benchmark one .tflite model (latency in us, memory in MB)",
+                           description="Time set_tensor + invoke + get_tensor on a seeded random input, "
+                                       "with benchmark_model's metric names.")
+    bench.add_argument("model", metavar="MODEL.tflite", help="the model file")
+    bench.add_argument("--runs", type=int, default=100, help="timed runs (at least; default 100)")
+    bench.add_argument("--warmup", type=int, default=10,
+                       help="warm-up runs after the first inference (default 10)")
+    bench.add_argument("--threads", type=int, default=1, help="interpreter threads (default 1)")
+    bench.add_argument("--no-xnnpack", dest="xnnpack", action="store_false",
+                       help="builtin kernels without the default XNNPACK delegate")
+    bench.add_argument("--min-seconds", type=float, default=0.0, help="keep timing at least this long (default 0)")
+    bench.add_argument("--runtime", choices=_runtime_names(), default=None,
+                       help="interpreter to use (default: the first found)")
+    bench.add_argument("--json", metavar="PATH", default=None, help="also write the full result as JSON")
+    bench.add_argument("--quiet", action="store_true", help="print nothing on success")
+    return parser
+
+
+def _runtime_names() -> list[str]:
+    from .interpreter import RUNTIMES
+
+    return list(RUNTIMES)
+
+
+def _cmd_bench(args) -> int:
+    from .bench import bench_model, format_table
+    from .manifest import write_json_atomic
+
+    result = bench_model(args.model, runtime=args.runtime, runs=args.runs, warmup=args.warmup,
+                         threads=args.threads, xnnpack=args.xnnpack, min_seconds=args.min_seconds)
+    if args.json:
+        write_json_atomic(args.json, result)
+    if not args.quiet:
+        print(format_table([result]))
+        m = result["machine"]
+        print(f"{result['model_bytes']} bytes; init {result['init_us']:.0f} us, "
+              f"first {result['first_inference_us']:.0f} us; "
+              f"peak RSS {result['peak_rss_mb']} MB; {m['machine']} x{m['cpu_count']}, {m['platform']}")
+        if args.json:
+            print(f"wrote {args.json}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from .interpreter import InterpreterError
+
+    try:
+        return _cmd_bench(args)
+    except (FileNotFoundError, InterpreterError, ImportError, ValueError, OSError) as e:
+        print(f"{_PROG}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{_PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,281 @@
+"""The head runner: raw pixels -> the features a device sends (numpy + stdlib + one TFLite interpreter).
+
+    runner = HeadRunner("runs/digits/export", "int8")
+    feats = runner.run(images)          # images: uint8 (N, H, W, C), exactly as the dataset gives them
+    feats.values                        # int8 codes (N, H', W', C'), NHWC as TFLite gives them
+    feats.to_nchw()                     # float32 (N, C', H', W') for the PyTorch tail
+
+Pre-processing repeats the export's own: x/255, (x - mean) / std per channel (float32), then, for
+an integer input, quantization with the input tensor's scale and zero point and the manifest's
+`quantization_rounding`. Inference-time noise (manifest field `inference_noise`) is not in the
+graph: it is added here, after the head, in the quantized domain, the same way on every runtime.
+
+Noise on integer codes (`add_quantized_noise`): draw in float feature units, divide by the output
+scale, add to the codes, round half away from zero, clip to the dtype's range. Two effects make
+the applied noise differ from the nominal one, and both are reported: rounding erases noise far
+below one step, and clipping at the range ends (ReLU features sit at the zero point, the dtype's
+minimum) removes half of the noise there. Specs: {"kind": "gaussian", "sigma": std},
+{"kind": "laplace", "sigma": scale b} (std = sqrt(2) b), {"kind": "dropout", "p": probability}
+(a dropped feature becomes 0.0, i.e. the zero point).
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .interpreter import InterpreterError, Runtime, find_interpreter
+from .interpreter import run as run_model
+from .manifest import read_manifest
+from .quant import ROUNDINGS, dequantize, quantize, round_half_away, tensor_qparams
+
+__all__ = ["Features", "HeadRunner", "NOISE_KINDS", "add_quantized_noise", "add_float_noise", "check_noise_spec"]
+
+NOISE_KINDS = ("gaussian", "laplace", "dropout")
+
+
+@dataclass(frozen=True, eq=False)
+class Features:
+    """The head's output as the device sends it.
+
+    values: int8/int16 codes (N, H', W', C') for integer artifacts, float32 for float ones, in
+    `layout` ("NHWC" for 4-D heads converted by onnx2tf; "NCHW" or "same" otherwise).
+    scale / zero_point: the output quantization (None for float artifacts).
+    noise: the inference-time noise applied (see `add_quantized_noise`), or None.
+    """
+
+    values: np.ndarray
+    scale: float | None
+    zero_point: int | None
+    layout: str = "NHWC"
+    noise: dict | None = None
+
+    def dequantized(self) -> np.ndarray:
+        """float32, same shape and layout as `values`."""
+        if self.scale is None:
+            return np.asarray(self.values, dtype=np.float32)
+        return dequantize(self.values, self.scale, self.zero_point)
+
+    def to_nchw(self) -> np.ndarray:
+        """Dequantized, as the PyTorch tail expects: (N, C', H', W') for NHWC values; else unchanged."""
+        x = self.dequantized()
+        if self.layout == "NHWC" and x.ndim == 4:
+            return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+        return x
+
+
+class HeadRunner:
+    """One exported head artifact, checked against its manifest and loaded in a TFLite interpreter.
+
+    export_dir: the run's export/ folder (manifest.json beside the .tflite files).
+    precision: a key of the manifest's artifacts ("int8", "fp32", ...).
+    runtime: None (find_interpreter()), a runtime name ("ai_edge_litert", "tflite_runtime",
+    "tensorflow") or a Runtime. xnnpack=False selects the builtin kernels without the default
+    delegate; reference_kernels=True the reference kernels (bit-exact across runtimes and TFLM).
+    noise_seed: seeds the inference-time noise (None: fresh OS entropy, what a deployment wants).
+    """
+
+    def __init__(self, export_dir: str | Path, precision: str = "int8", *, runtime=None,
+                 num_threads: int | None = None, xnnpack: bool = True, noise_seed: int | None = None,
+                 reference_kernels: bool = False):
+        self.export_dir = Path(export_dir)
+        manifest_path = self.export_dir / "manifest.json"
+        self.manifest = read_manifest(manifest_path)
+        artifacts = self.manifest["artifacts"]
+        if precision not in artifacts:
+            raise ValueError(f"{manifest_path} has no artifact {precision!r}; it has {', '.join(artifacts)}")
+        self.precision, self.entry = precision, artifacts[precision]
+        self.model_id: str = self.entry["sha256"][:16]
+        self.path = self.export_dir / self.entry["file"]
+        self.noise_spec = check_noise_spec(self.manifest["inference_noise"],
+                                           f"{manifest_path}: field inference_noise")
+        self._spec = _input_spec(self.manifest["input_spec"], manifest_path)
+        runtime = runtime if isinstance(runtime, Runtime) else find_interpreter(runtime)
+        try:
+            self.loaded = runtime.make(_verified_bytes(self.path, self.entry["sha256"]), num_threads=num_threads,
+                                       xnnpack=xnnpack, reference_kernels=reference_kernels)
+        except InterpreterError as e:
+            raise InterpreterError(f"{self.path}: {e}") from e
+        self.runtime_name: str = self.loaded.runtime
+        self.xnnpack: bool | None = self.loaded.xnnpack
+        self._inp, self._out = _check_io(self.loaded, self.entry, self.path)
+        if self._spec["mean"].size != self.input_shape[-1]:
+            raise ValueError(f"{manifest_path}: field input_spec.mean has {self._spec['mean'].size} values for "
+                             f"a {self.input_shape[-1]}-channel input")
+        self._rng = np.random.default_rng(noise_seed)
+
+    def __repr__(self) -> str:
+        return (f"HeadRunner({str(self.export_dir)!r}, {self.precision!r}, model_id={self.model_id}, "
+                f"runtime={self.runtime_name} {self.loaded.version}, xnnpack={self.xnnpack})")
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """(H, W, C) of one image."""
+        return tuple(int(d) for d in self._inp["shape"][1:])
+
+    def preprocess(self, images: np.ndarray) -> np.ndarray:
+        """uint8 (N, H, W, C) raw pixels -> the model input tensor's dtype, (N, H, W, C)."""
+        _check_images(images, self.input_shape)
+        x = images.astype(np.float32) / np.float32(255.0)
+        x = (x - self._spec["mean"]) / self._spec["std"]
+        scale, zero_point, dtype = tensor_qparams(self._inp)
+        if scale is None:
+            return np.ascontiguousarray(x, dtype=dtype)
+        return quantize(x, scale, zero_point, dtype, rounding=self._spec["rounding"])
+
+    def run(self, images: np.ndarray) -> Features:
+        """Run the head on a batch (one image at a time), then add the manifest's noise."""
+        codes = run_model(self.loaded, self.preprocess(images))
+        scale, zero_point, _ = tensor_qparams(self._out)
+        if scale is None:
+            values, stats = add_float_noise(codes.astype(np.float32, copy=False), self.noise_spec, self._rng)
+        else:
+            values, stats = add_quantized_noise(codes, scale, zero_point, self.noise_spec, self._rng)
+        return Features(values, scale, zero_point, self.entry.get("output_layout", "NHWC"), stats)
+
+
+# ------------------------------------------------------------------------------- noise
+
+
+def check_noise_spec(spec, where: str = "inference_noise") -> dict | None:
+    """None, or a valid noise spec (a copy); otherwise ValueError naming `where` and the field."""
+    if spec is None:
+        return None
+    if not isinstance(spec, dict) or spec.get("kind") not in NOISE_KINDS:
+        got = spec.get("kind") if isinstance(spec, dict) else spec
+        raise ValueError(f"{where}.kind must be one of {', '.join(NOISE_KINDS)}, got {got!r}")
+    key, upper = ("p", 1.0) if spec["kind"] == "dropout" else ("sigma", math.inf)
+    value = spec.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= upper:
+        allowed = "a number in [0, 1]" if key == "p" else "a finite number >= 0"
+        raise ValueError(f"{where}.{key} must be {allowed} for kind {spec['kind']!r}, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{where}.{key} must be finite, got {value!r}")
+    return dict(spec)
+
+
+def add_quantized_noise(codes: np.ndarray, scale: float, zero_point: int, spec: dict | None,
+                        rng: np.random.Generator) -> tuple[np.ndarray, dict | None]:
+    """Add inference-time noise to integer codes (any shape); returns (new codes, stats).
+
+    stats: kind, sigma (float units, None for dropout), sigma_steps (sigma / scale), nominal_std
+    (the distribution's std in float units), effective_std (std of (q_out - q_in) * scale: what was
+    really applied), changed_fraction (codes that moved), clipped_fraction (codes whose noisy value
+    fell outside the dtype's range and was clipped). `spec` None: codes unchanged, stats None.
+    """
+    spec = check_noise_spec(spec)
+    if spec is None:
+        return codes, None
+    codes = np.asarray(codes)
+    info = np.iinfo(codes.dtype)
+    if spec["kind"] == "dropout":
+        noisy = np.where(rng.random(codes.shape) < spec["p"], codes.dtype.type(zero_point), codes)
+        clipped = np.zeros(codes.shape, dtype=bool)
+    else:
+        moved = codes.astype(np.float64) + _draw(spec, codes.shape, rng) / float(scale)
+        rounded = round_half_away(moved)
+        clipped = (rounded < info.min) | (rounded > info.max)
+        noisy = np.clip(rounded, info.min, info.max).astype(codes.dtype)
+    applied = (noisy.astype(np.float64) - codes.astype(np.float64)) * float(scale)
+    return noisy, _stats(spec, scale, applied, noisy != codes, clipped)
+
+
+def add_float_noise(values: np.ndarray, spec: dict | None,
+                    rng: np.random.Generator) -> tuple[np.ndarray, dict | None]:
+    """The same noise on float features (no rounding, no clipping); returns (float32 values, stats)."""
+    spec = check_noise_spec(spec)
+    values = np.asarray(values, dtype=np.float32)
+    if spec is None:
+        return values, None
+    if spec["kind"] == "dropout":
+        noisy = np.where(rng.random(values.shape) < spec["p"], np.float32(0.0), values)
+    else:
+        noisy = (values.astype(np.float64) + _draw(spec, values.shape, rng)).astype(np.float32)
+    applied = noisy.astype(np.float64) - values.astype(np.float64)
+    return noisy, _stats(spec, None, applied, noisy != values, np.zeros(values.shape, dtype=bool))
+
+
+def _draw(spec: dict, shape: tuple, rng: np.random.Generator) -> np.ndarray:
+    if spec["kind"] == "gaussian":
+        return rng.normal(0.0, spec["sigma"], shape)
+    return rng.laplace(0.0, spec["sigma"], shape)
+
+
+def _stats(spec: dict, scale: float | None, applied: np.ndarray, changed: np.ndarray, clipped: np.ndarray) -> dict:
+    sigma = spec.get("sigma")
+    nominal = {"gaussian": sigma, "laplace": None if sigma is None else math.sqrt(2.0) * sigma}.get(spec["kind"])
+    stats = {"kind": spec["kind"], "sigma": sigma,
+             "sigma_steps": None if sigma is None or scale is None else sigma / float(scale),
+             "nominal_std": nominal,
+             "effective_std": float(applied.std()) if applied.size else 0.0,
+             "changed_fraction": float(changed.mean()) if changed.size else 0.0,
+             "clipped_fraction": float(clipped.mean()) if clipped.size else 0.0}
+    if spec["kind"] == "dropout":
+        stats["p"] = spec["p"]
+    return stats
+
+
+# ------------------------------------------------------------------------------- checks
+
+
+def _verified_bytes(path: Path, expected: str) -> bytes:
+    """The model file's bytes, refused unless their sha256 is the manifest's (loaded from these bytes)."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise FileNotFoundError(f"model file {path} cannot be read ({e.strerror or e})") from None
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != expected:
+        raise ValueError(f"model file {path} does not match its manifest: sha256 expected {expected}, "
+                         f"actual {actual} (the file was changed, truncated or replaced)")
+    return data
+
+
+def _input_spec(spec: dict, manifest_path: Path) -> dict:
+    where = f"{manifest_path}: field input_spec"
+    if spec["pixel_scaling"] != "x/255":
+        raise ValueError(f"{where}.pixel_scaling is {spec['pixel_scaling']!r}; this runtime knows 'x/255'")
+    rounding = spec.get("quantization_rounding", "reference")
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"{where}.quantization_rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    mean, std = np.asarray(spec["mean"], np.float32), np.asarray(spec["std"], np.float32)
+    if mean.ndim != 1 or mean.shape != std.shape or not np.all(std > 0):
+        raise ValueError(f"{where}.mean/std must be lists of the same length with std > 0")
+    return {"mean": mean, "std": std, "rounding": rounding}
+
+
+def _check_io(loaded, entry: dict, path: Path) -> tuple[dict, dict]:
+    """The interpreter's single input and output, which must be what the manifest says."""
+    inputs, outputs = loaded.get_input_details(), loaded.get_output_details()
+    if len(inputs) != 1 or len(outputs) != 1:
+        raise ValueError(f"{path}: a head has one input and one output, this one {len(inputs)} and {len(outputs)}")
+    pairs = (("inputs", inputs[0], entry["inputs"][0]), ("outputs", outputs[0], entry["outputs"][0]))
+    for kind, detail, recorded in pairs:
+        scale, zero_point, dtype = tensor_qparams(detail)
+        got = ([int(d) for d in detail["shape"]], dtype.name, zero_point)
+        want = (recorded["shape"], recorded["dtype"], recorded["zero_point"])
+        same_scale = (scale is None) == (recorded["scale"] is None) and (
+            scale is None or math.isclose(scale, recorded["scale"], rel_tol=1e-6))
+        if got != want or not same_scale:
+            raise ValueError(f"{path}: tensor {kind}[0] is {got + (scale,)} (shape, dtype, zero point, scale) "
+                             f"but the manifest says {want + (recorded['scale'],)}")
+    if len(inputs[0]["shape"]) != 4 or inputs[0]["shape"][0] != 1:
+        raise ValueError(f"{path}: expected a [1, H, W, C] image input, got {list(inputs[0]['shape'])}")
+    return inputs[0], outputs[0]
+
+
+def _check_images(images, hwc: tuple[int, int, int]) -> None:
+    h, w, c = hwc
+    want = f"uint8 images of shape (N, {h}, {w}, {c}) (NHWC raw pixels)"
+    if not isinstance(images, np.ndarray):
+        raise ValueError(f"expected {want}, got {type(images).__name__}")
+    hint = ""
+    if images.ndim == 4 and images.shape[1:] == (c, h, w) and (c, h, w) != hwc:
+        hint = "; this looks NCHW: transpose it to NHWC"
+    elif images.dtype != np.uint8:
+        hint = "; pass raw pixels 0..255, the runner normalizes them itself"
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != hwc:
+        raise ValueError(f"expected {want}, got {images.dtype} {images.shape}{hint}")

@@ -1,0 +1,279 @@
+"""Black-box inverse network (He, Zhang, Lee, ACSAC 2019, section 5).
+
+The attacker sent its auxiliary images through the deployed head (query access) and got
+aux_features. It trains a decoder g: features -> images on those pairs and applies it to the
+features the cloud received:
+
+    g* = argmin_g mean ||g(s(f(x))) - x||^2  (+ ssim_weight * (1 - SSIM))
+
+s standardizes each feature channel with the auxiliary features' mean and std (applied to the
+targets too). A failed attack looks like privacy (research/prototype_int8_privacy.md), so the
+decoder is trained from `restarts` seeds and the one with the best loss on a held-out part of the
+auxiliary set is kept; the targets are never used to choose.
+
+    features (B, C', H', W') float32 -> decoder -> images (B, C, H, W) in [0, 1]
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import Attack, AttackContext, AttackResult, ThreatModel, resolve_device
+
+__all__ = ["InverseAttack", "build_decoder"]
+
+_DEPTHS = ("shallow", "deep")
+
+
+class InverseAttack(Attack):
+    name = "inverse"
+    description = "black-box inverse network: a decoder trained on auxiliary images queried through the head"
+    paper = "He, Zhang, Lee: Model inversion attacks against collaborative inference (ACSAC 2019)"
+    threat_model = ThreatModel(head_weights=False, query_access=True,
+                               auxiliary_data="same-distribution", labels=0)
+    OPTIONS = {
+        "epochs": 30,           # passes over the auxiliary training part, per restart
+        "batch_size": 64,
+        "lr": 1e-3,             # Adam
+        "width": 64,            # decoder channels at the feature resolution
+        "depth": "shallow",     # "shallow": one conv per scale; "deep": residual blocks at every scale
+        "restarts": 2,          # decoders trained from different seeds; the best on validation is kept
+        "ssim_weight": 0.0,     # loss = MSE + ssim_weight * (1 - SSIM)
+        "val_fraction": 0.1,    # share of the auxiliary set held out to pick the decoder
+    }
+
+    def check_options(self, o: dict) -> list[str]:
+        problems = [f"{k} must be an integer >= 1, got {o[k]!r}"
+                    for k in ("epochs", "batch_size", "width", "restarts") if not _is_int(o[k]) or o[k] < 1]
+        if not _is_number(o["lr"]) or not o["lr"] > 0:
+            problems.append(f"lr must be a number > 0, got {o['lr']!r}")
+        if not _is_number(o["ssim_weight"]) or not o["ssim_weight"] >= 0:
+            problems.append(f"ssim_weight must be a number >= 0, got {o['ssim_weight']!r}")
+        if not _is_number(o["val_fraction"]) or not 0 < o["val_fraction"] < 1:
+            problems.append(f"val_fraction must be in (0, 1), got {o['val_fraction']!r}")
+        if o["depth"] not in _DEPTHS:
+            problems.append(f"depth must be one of {', '.join(_DEPTHS)}, got {o['depth']!r}")
+        return problems
+
+    def run(self, ctx: AttackContext) -> AttackResult:
+        """Train `restarts` decoders on the aux pairs, keep the best on validation, invert the targets."""
+        start = time.perf_counter()
+        o, device = self.options, resolve_device(ctx.device)
+        data = _prepare(ctx, o, device)
+        runs = []
+        with _progress(ctx.progress, o["restarts"] * o["epochs"]) as bar:
+            for r in range(o["restarts"]):
+                runs.append(_train_restart(data, o, _restart_seed(ctx.seed, r), device, bar))
+        best = min(range(len(runs)), key=lambda r: runs[r].val_loss)
+        if not np.isfinite(runs[best].val_loss):
+            raise RuntimeError(f"inverse: every decoder diverged (lr={o['lr']}); try a lower lr")
+        decoder = _new_decoder(data, o).to(device)
+        decoder.load_state_dict(runs[best].state)
+        reconstructions = _predict(decoder, data, ctx.target_features, o["batch_size"], device)
+        scores, summary = self.score(ctx, reconstructions)
+        info = {
+            "best_restart": best, "best_val_loss": runs[best].val_loss, "best_epoch": runs[best].best_epoch,
+            "restarts": [{"seed": r.seed, "val_loss": r.val_loss, "best_epoch": r.best_epoch,
+                          "history": r.history} for r in runs],
+            "train_images": len(data.train), "val_images": len(data.val),
+            "feature_standardization": "per channel, auxiliary-feature mean and std",
+            "device": str(device), "options": dict(o), "seconds": time.perf_counter() - start,
+        }
+        return AttackResult(reconstructions, scores, summary, info)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+
+
+def _restart_seed(seed: int, restart: int) -> int:
+    return int(np.random.SeedSequence([seed, restart]).generate_state(1)[0])
+
+
+def _progress(enabled: bool, total: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="inverse", unit="epoch", disable=not enabled, leave=False)
+
+
+# ---------------------------------------------------------------- data
+
+
+class _Data(NamedTuple):
+    z: torch.Tensor         # (N, C', H', W') raw auxiliary features on the CPU (shares ctx's memory)
+    x: torch.Tensor         # (N, C, H, W) auxiliary images on the CPU
+    train: torch.Tensor     # indices of the training part
+    val: torch.Tensor       # indices of the held-out part that picks the decoder
+    mean: torch.Tensor      # (1, C', 1, 1) per-channel statistics of z, on the attack's device
+    std: torch.Tensor
+
+
+def _prepare(ctx: AttackContext, o: dict, device) -> _Data:
+    """Hold out a seeded part of the auxiliary set; per-channel statistics of the aux features."""
+    n, (h, w) = len(ctx.aux_images), ctx.aux_images.shape[2:]
+    n_val = int(round(o["val_fraction"] * n))
+    if not 1 <= n_val < n:
+        raise ValueError(f"inverse needs auxiliary images for both training and validation: {n} images "
+                         f"with val_fraction={o['val_fraction']} leaves {n_val} for validation")
+    if o["ssim_weight"] > 0 and min(h, w) < 11:
+        raise ValueError(f"ssim_weight needs images of at least 11x11 (the SSIM window), got {h}x{w}")
+    order = torch.from_numpy(np.random.default_rng(ctx.seed).permutation(n))
+    z = ctx.aux_features
+    mean, std = z.mean(axis=(0, 2, 3), dtype=np.float64), z.std(axis=(0, 2, 3), dtype=np.float64)
+    std = np.maximum(std, max(1e-3 * float(np.median(std)), 1e-8))  # dead channels stay ~0, not huge
+    stats = [torch.tensor(v, dtype=torch.float32, device=device).reshape(1, -1, 1, 1) for v in (mean, std)]
+    return _Data(_tensor(ctx.aux_features), _tensor(ctx.aux_images), order[n_val:], order[:n_val], *stats)
+
+
+def _tensor(a: np.ndarray) -> torch.Tensor:
+    """A CPU tensor sharing a's memory; read-only arrays (memory maps) are fine: nothing writes."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(a)
+
+
+def _standardize(z: torch.Tensor, data: _Data, device) -> torch.Tensor:
+    return (z.to(device) - data.mean) / data.std
+
+
+# ---------------------------------------------------------------- training
+
+
+class _Restart(NamedTuple):
+    seed: int
+    state: dict | None      # the decoder's weights at its best validation epoch
+    val_loss: float
+    best_epoch: int
+    history: list
+
+
+def _new_decoder(data: _Data, o: dict) -> nn.Module:
+    return build_decoder(tuple(data.z.shape[1:]), tuple(data.x.shape[1:]), o["width"], o["depth"])
+
+
+def _train_restart(data: _Data, o: dict, seed: int, device, bar) -> _Restart:
+    """One decoder from one seed; returns its weights at the epoch with the lowest validation loss."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        decoder = _new_decoder(data, o).to(device)
+    optimizer = torch.optim.Adam(decoder.parameters(), lr=o["lr"])
+    generator = torch.Generator().manual_seed(seed)
+    best, history = _Restart(seed, None, float("inf"), 0, []), []
+    for epoch in range(1, o["epochs"] + 1):
+        train_loss = _train_epoch(decoder, optimizer, data, o, generator, device)
+        val_loss = _evaluate(decoder, data, o, device)
+        history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss})
+        if val_loss < best.val_loss:  # NaN never wins
+            state = {k: v.detach().cpu().clone() for k, v in decoder.state_dict().items()}
+            best = _Restart(seed, state, val_loss, epoch, history)
+        bar.update(1)
+        bar.set_postfix(seed=seed, val_loss=f"{val_loss:.4g}")
+    return best._replace(history=history)
+
+
+def _loss(rec: torch.Tensor, x: torch.Tensor, ssim_weight: float) -> torch.Tensor:
+    loss = F.mse_loss(rec, x)
+    if ssim_weight > 0:
+        from torchmetrics.functional.image import structural_similarity_index_measure as ssim
+
+        loss = loss + ssim_weight * (1 - ssim(rec, x, data_range=1.0))
+    return loss
+
+
+def _train_epoch(decoder, optimizer, data: _Data, o: dict, generator, device) -> float:
+    decoder.train()
+    order, total = data.train[torch.randperm(len(data.train), generator=generator)], 0.0
+    for i in range(0, len(order), o["batch_size"]):
+        idx = order[i:i + o["batch_size"]]
+        rec = decoder(_standardize(data.z[idx], data, device))
+        loss = _loss(rec, data.x[idx].to(device), o["ssim_weight"])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.item() * len(idx)
+    return total / len(order)
+
+
+@torch.no_grad()
+def _evaluate(decoder, data: _Data, o: dict, device) -> float:
+    decoder.eval()
+    total, b = 0.0, o["batch_size"]
+    for i in range(0, len(data.val), b):
+        idx = data.val[i:i + b]
+        rec = decoder(_standardize(data.z[idx], data, device))
+        total += float(_loss(rec, data.x[idx].to(device), o["ssim_weight"])) * len(idx)
+    return total / len(data.val)
+
+
+@torch.no_grad()
+def _predict(decoder, data: _Data, features: np.ndarray, batch_size: int, device) -> np.ndarray:
+    decoder.eval()
+    out = [decoder(_standardize(_tensor(features[i:i + batch_size]), data, device)).cpu()
+           for i in range(0, len(features), batch_size)]
+    return torch.cat(out).numpy()
+
+
+# ---------------------------------------------------------------- the decoder
+
+
+def _conv_block(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU())
+
+
+class _Residual(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.body = nn.Sequential(_conv_block(c, c), nn.Conv2d(c, c, 3, padding=1, bias=False),
+                                  nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        return F.relu(x + self.body(x))
+
+
+class _Decoder(nn.Module):
+    def __init__(self, stem: nn.Module, stages: nn.ModuleList, out: nn.Module, size: tuple[int, int]):
+        super().__init__()
+        self.stem, self.stages, self.out, self.size = stem, stages, out, size
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = self.stem(z)
+        for stage in self.stages:
+            x = stage(F.interpolate(x, scale_factor=2, mode="nearest"))
+        if tuple(x.shape[-2:]) != self.size:  # ratios that are not powers of two
+            x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False)
+        return torch.sigmoid(self.out(x))
+
+
+def build_decoder(feature_shape: tuple[int, int, int], image_shape: tuple[int, int, int],
+                  width: int = 64, depth: str = "shallow") -> nn.Module:
+    """Decoder (B, C', H', W') -> (B, C, H, W) in [0, 1] for any up-sampling ratio.
+
+    One nearest-neighbour x2 up-sampling + conv stage per doubling that fits in H/H' (channels
+    halve, down to 16), a bilinear resize for what is left, a 3x3 conv and a sigmoid.
+    "deep" adds two residual blocks at the feature resolution and one after every stage.
+    """
+    if depth not in _DEPTHS:
+        raise ValueError(f"depth must be one of {', '.join(_DEPTHS)}, got {depth!r}")
+    (c_feat, h_feat, w_feat), (c_img, h_img, w_img) = feature_shape, image_shape
+    doublings = 0
+    while h_feat * 2 ** (doublings + 1) <= h_img and w_feat * 2 ** (doublings + 1) <= w_img:
+        doublings += 1
+    deep = depth == "deep"
+    stem = [_conv_block(c_feat, width)] + ([_Residual(width), _Residual(width)] if deep else [])
+    stages, c = [], width
+    for _ in range(doublings):
+        c_next = max(c // 2, min(16, width))
+        stages.append(nn.Sequential(_conv_block(c, c_next), *([_Residual(c_next)] if deep else [])))
+        c = c_next
+    return _Decoder(nn.Sequential(*stem), nn.ModuleList(stages), nn.Conv2d(c, c_img, 3, padding=1),
+                    (h_img, w_img))

@@ -1,0 +1,173 @@
+"""The black-box inverse-network attack on digits, the attack interface, and the reconstruction grid."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("torchmetrics")
+Image = pytest.importorskip("PIL.Image")
+datasets = pytest.importorskip("sklearn.datasets")
+
+from edgeveil.cloud_sim import metrics  # noqa: E402
+from edgeveil.cloud_sim.attacks import base, inverse  # noqa: E402
+from edgeveil.cloud_sim.attacks.base import AttackContext  # noqa: E402
+from edgeveil.cloud_sim.attacks.inverse import InverseAttack, build_decoder  # noqa: E402
+from edgeveil.cloud_sim.grid import save_grid  # noqa: E402
+from edgeveil.training import archs  # noqa: E402
+
+# Few epochs, a narrow decoder and a brisk lr: seconds on one CPU thread.
+QUICK = dict(epochs=3, width=16, lr=3e-3, restarts=2)
+TINY = dict(epochs=1, width=8, lr=3e-3, restarts=1)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small convolutions: one thread is as fast, and far faster when the cores are busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """Digits resized to 28x28 in [0, 1], through a fixed random-init smallcnn head (8x14x14)."""
+    images = datasets.load_digits().images.astype(np.float32) / 16
+    x = np.stack([np.asarray(Image.fromarray(i).resize((28, 28), Image.BILINEAR)) for i in images])
+    x = np.clip(x, 0, 1)[:, None]
+    torch.manual_seed(0)
+    head = archs.create("smallcnn", in_channels=1, image_size=28, num_classes=10, width="tiny").head.eval()
+    with torch.no_grad():
+        z = head(torch.from_numpy(x)).numpy()
+    order = np.random.default_rng(0).permutation(len(x))
+    return x, z, order[:1000], order[1000:1300]
+
+
+def _context(digits, n_aux=1000, n_target=300, **kw) -> AttackContext:
+    x, z, aux, target = digits
+    aux, target = aux[:n_aux], target[:n_target]
+    return AttackContext(x[aux], z[aux], z[target], x[target], **{"progress": False, **kw})
+
+
+def _mean_image_ssim(ctx: AttackContext) -> float:
+    guess = np.broadcast_to(ctx.aux_images.mean(axis=0), ctx.target_images.shape)
+    return float(metrics.image_scores(ctx.target_images, guess)["ssim"].mean())
+
+
+@pytest.fixture(scope="module")
+def quick_run(digits):
+    ctx = _context(digits, progress=True)
+    return ctx, InverseAttack(**QUICK).run(ctx)
+
+
+def test_inverse_beats_the_mean_image_baseline(quick_run):
+    ctx, result = quick_run
+    baseline = _mean_image_ssim(ctx)
+    ssim = result.summary["ssim"]
+    assert ssim["mean"] > baseline + 0.15, (ssim, baseline)  # measured: 0.82 against 0.39
+    assert ssim["ci95"][0] <= ssim["mean"] <= ssim["ci95"][1] and ssim["n"] == 300
+    assert result.reconstructions.shape == ctx.target_images.shape
+    assert result.reconstructions.min() >= 0 and result.reconstructions.max() <= 1
+    assert set(result.scores) == {"ssim", "psnr", "mse"} and len(result.scores["psnr"]) == 300
+    assert result.info["train_images"] == 900 and result.info["val_images"] == 100
+    assert len(result.info["restarts"]) == 2 and result.info["seconds"] > 0
+
+
+def test_restarts_keep_the_best_validation_loss(digits, monkeypatch):
+    """A restart that cannot learn (lr 0) is never the one reported, whichever it is."""
+    ctx = _context(digits, n_aux=300, n_target=100)
+    real = inverse._train_restart
+    for broken in (0, 1):
+        bad_seed = inverse._restart_seed(ctx.seed, broken)
+
+        def sabotaged(data, o, seed, device, bar):
+            return real(data, {**o, "lr": 0.0} if seed == bad_seed else o, seed, device, bar)
+
+        monkeypatch.setattr(inverse, "_train_restart", sabotaged)
+        result = InverseAttack(**{**TINY, "epochs": 2, "restarts": 2}).run(ctx)
+        losses = [r["val_loss"] for r in result.info["restarts"]]
+        assert result.info["best_restart"] == 1 - broken
+        assert result.info["best_val_loss"] == min(losses) < losses[broken]
+    # the reconstructions are the chosen decoder's: restart 0 alone gives the same images
+    alone = InverseAttack(**{**TINY, "epochs": 2, "restarts": 1}).run(ctx)
+    np.testing.assert_allclose(result.reconstructions, alone.reconstructions, atol=1e-6)
+
+
+def test_same_seed_same_result_other_seed_other_result(digits):
+    ctx = _context(digits, n_aux=200, n_target=50)
+    first, second = InverseAttack(**TINY).run(ctx), InverseAttack(**TINY).run(ctx)
+    np.testing.assert_array_equal(first.reconstructions, second.reconstructions)
+    assert first.info["restarts"][0]["history"] == second.info["restarts"][0]["history"]
+    other = InverseAttack(**TINY).run(_context(digits, n_aux=200, n_target=50, seed=1))
+    assert not np.allclose(first.reconstructions, other.reconstructions)
+
+
+def test_deep_decoder_and_no_ground_truth(digits):
+    x, z, aux, target = digits
+    ctx = AttackContext(x[aux[:200]], z[aux[:200]], z[target[:20]], None, progress=False)
+    result = InverseAttack(**TINY, depth="deep", ssim_weight=0.5).run(ctx)
+    assert result.reconstructions.shape == (20, 1, 28, 28)
+    assert np.isfinite(result.info["best_val_loss"])
+    assert result.scores == {} and result.summary == {}
+
+
+@pytest.mark.parametrize("feature_shape, image_shape", [
+    ((8, 14, 14), (1, 28, 28)), ((16, 7, 7), (3, 28, 28)), ((4, 28, 28), (1, 28, 28)),
+    ((32, 8, 8), (3, 30, 30)), ((64, 4, 4), (3, 32, 32)),
+])
+@pytest.mark.parametrize("depth", ["shallow", "deep"])
+def test_decoder_maps_any_ratio_to_images(feature_shape, image_shape, depth):
+    decoder = build_decoder(feature_shape, image_shape, width=16, depth=depth).eval()
+    with torch.no_grad():
+        out = decoder(torch.randn(2, *feature_shape))
+    assert out.shape == (2, *image_shape) and 0 <= float(out.min()) and float(out.max()) <= 1
+
+
+def test_options_are_checked():
+    with pytest.raises(ValueError, match="no options decoder_depth, epoch"):
+        InverseAttack(epoch=3, decoder_depth="deep")
+    with pytest.raises(ValueError, match="epochs must be an integer >= 1.*lr must be.*depth must be one of"):
+        InverseAttack(epochs=0, lr=-1.0, depth="huge")
+    assert InverseAttack().options["restarts"] == 2 and InverseAttack().options["depth"] == "shallow"
+
+
+def test_context_reports_every_problem():
+    good = np.zeros((4, 1, 28, 28), np.float32)
+    with pytest.raises(ValueError, match=r"aux_images has 4 images but aux_features 3.*differ.*\[0, 1\]"):
+        AttackContext(good, np.zeros((3, 8, 14, 14)), np.zeros((2, 8, 7, 7)), good[:2] + 5)
+
+
+def test_threat_model_and_registry_helpers():
+    assert InverseAttack.threat_model.describe() == (
+        "no head weights, query access, same-distribution auxiliary data, 0 labels")
+    registry: dict = {}
+    base.register(registry, "inverse", "edgeveil.cloud_sim.attacks.inverse:InverseAttack", "d", "p")
+    with pytest.raises(ValueError, match="taken"):
+        base.register(registry, "inverse", "x.y:Z", "d")
+    assert isinstance(base.create(registry, "inverse", epochs=1), InverseAttack)
+    with pytest.raises(ValueError, match="among inverse, got 'rmle'"):
+        base.create(registry, "rmle")
+
+
+def _png_size(path) -> tuple[int, int]:
+    with Image.open(path) as img:
+        assert img.format == "PNG"
+        return img.size
+
+
+def test_grid_png_layout_and_atomic_write(quick_run, tmp_path):
+    pytest.importorskip("matplotlib")
+    ctx, result = quick_run
+    two = save_grid(ctx.target_images, result.reconstructions, tmp_path / "grid2.png", title="inverse")
+    mean = np.broadcast_to(ctx.aux_images.mean(axis=0), ctx.target_images.shape)
+    three = save_grid(ctx.target_images, {"inverse": result.reconstructions, "mean image": mean},
+                      tmp_path / "sub" / "grid3.png", n=16)
+    rgb = np.repeat(ctx.target_images[:5], 3, axis=1) * np.array([1, 0.5, 0.2], np.float32)[:, None, None]
+    small = save_grid(rgb, rgb[::-1].copy(), tmp_path / "rgb.png", n=16)
+    (w2, h2), (w3, h3), (w_rgb, _) = _png_size(two), _png_size(three), _png_size(small)
+    assert w2 == w3 > w_rgb > 0 and h3 > h2 > 0  # 16 columns vs 5; three rows vs two
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["grid2.png", "grid3.png", "rgb.png"]
+    with pytest.raises(ValueError, match="row 'bad'"):
+        save_grid(ctx.target_images, {"bad": result.reconstructions[:, :, :20]}, tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()

@@ -8,7 +8,7 @@ seeded random input of the model's own dtype and shape. Times in microseconds.
 Memory, as benchmark_model reports it (MB = MiB, resident set size): memory_init_mb and
 memory_overall_mb are RSS deltas from the start of the call to after init and after the timed runs;
 rss_growth_mb is RSS after the timed runs minus after init (a leak shows here); peak_rss_mb is the
-process's high-water mark (ru_maxrss), which includes whatever the process loaded before. Only a
+process's high-water mark (VmHWM), which includes whatever the process loaded before. Only a
 fresh process gives clean memory figures: `bench_export_dir(..., isolate=True)` runs each
 measurement in its own `python -m edgeveil.device.cli bench`.
 """
@@ -226,6 +226,15 @@ def _rss_bytes() -> int | None:
 
 
 def _peak_rss_mb() -> float | None:
+    """Peak RSS of this address space: VmHWM on Linux (reset by exec, unlike ru_maxrss, which a
+    process started from a large parent inherits), else ru_maxrss."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"VmHWM:"):
+                    return _r(int(line.split()[1]) / 1024.0)  # kB
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         import resource
     except ImportError:  # Windows

@@ -8,16 +8,6 @@ from pathlib import Path
 
 __all__ = ["main"]
 
-_NOT_YET = {
-    "demo": "the one-command demo (train, export, bench, serve, attack, report) lands with the device/cloud issue",
-    "run": "running every stage from one config lands with the device/cloud issue",
-    "bench": "the device benchmark lands with the device/cloud issue",
-    "serve": "the cloud service lands with the device/cloud issue",
-    "attack": "the attacks land with the device/cloud issue",
-    "report": "the report lands with the device/cloud issue",
-}
-
-
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="YAML config (optional: defaults apply)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -43,15 +33,25 @@ def _parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("list", help="list registered components")
     ls.add_argument("what", choices=["defenses", "attacks", "datasets", "archs", "boards"])
 
-    d = sub.add_parser("demo", help="the embedded default end to end")
-    d.add_argument("--out", type=Path, default=Path("runs/demo"))
+    d = sub.add_parser("demo", help="the embedded default end to end (digits, small CNN)")
+    d.add_argument("--out", type=Path, default=Path("runs/demo"), help="run directory (default runs/demo)")
     r = sub.add_parser("run", help="every stage for one config")
     _add_config_args(r)
     r.add_argument("--out", type=Path, required=True)
-    for name in ("bench", "serve", "attack", "report"):
-        q = sub.add_parser(name, help=_NOT_YET[name].split(" lands")[0])
-        q.add_argument("run_dir", type=Path)
-        q.add_argument("rest", nargs=argparse.REMAINDER)
+    b = sub.add_parser("bench", help="device benchmark of every exported artifact")
+    b.add_argument("run_dir", type=Path)
+    b.add_argument("--runs", type=int, default=200, help="timed runs per setting")
+    sv = sub.add_parser("serve", help="the cloud service for a run (loopback by default)")
+    sv.add_argument("run_dir", type=Path)
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --host")
+    a = sub.add_parser("attack", help="attacks on the features the cloud received")
+    a.add_argument("run_dir", type=Path)
+    a.add_argument("--attacks", help="comma-separated attack names (default: the config's attack.names)")
+    a.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    rp = sub.add_parser("report", help="report.md and report.html for a run")
+    rp.add_argument("run_dir", type=Path)
     return p
 
 
@@ -72,12 +72,9 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from .config import from_dict, merge_dicts, parse_overrides
-    from .stages import export_stage, read_run_config
+    from .stages import export_stage
 
-    cfg = read_run_config(args.run_dir)
-    if args.overrides:
-        cfg = from_dict(merge_dicts(cfg.to_dict(), parse_overrides(args.overrides)))
+    cfg = _run_config(args)
     if args.target:
         print(f"--target {args.target}: flashable files and fit reports land with the MCU/ARM targets issue",
               file=sys.stderr)
@@ -104,6 +101,72 @@ def _print_export_table(manifest: dict) -> None:
           f"onnx2tf took {manifest['converter']['seconds']:.1f} s")
 
 
+def _run_config(args):
+    from .config import from_dict, merge_dicts, parse_overrides
+    from .stages import read_run_config
+
+    cfg = read_run_config(args.run_dir)
+    overrides = getattr(args, "overrides", None)
+    return from_dict(merge_dicts(cfg.to_dict(), parse_overrides(overrides))) if overrides else cfg
+
+
+def _cmd_demo(args) -> int:
+    from .config import load_config
+    from .run_all import run_all
+
+    run_all(load_config(), args.out, progress=not args.no_progress)
+    return 0
+
+
+def _cmd_run(args) -> int:
+    from .config import load_config
+    from .run_all import run_all
+
+    run_all(load_config(args.config, _overrides(args)), args.out, progress=not args.no_progress)
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    from edgeveil.device.bench import format_table
+
+    from .device_stage import bench_stage
+
+    result = bench_stage(args.run_dir, runs=args.runs, progress=not args.no_progress)
+    print(format_table(result["results"]))
+    for s in result["skipped"]:
+        print(f"skipped {s['precision']} threads={s['threads']} xnnpack={s['xnnpack_requested']}: {s['reason']}")
+    print(f"wrote {args.run_dir / 'device' / 'bench.json'}")
+    return 0
+
+
+def _cmd_serve(args) -> int:
+    from edgeveil.cloud_sim.server import serve_forever
+
+    serve_forever(args.run_dir, host=args.host, port=args.port, allow_remote=args.allow_remote)
+    return 0
+
+
+def _cmd_attack(args) -> int:
+    from .attack_stage import attack_stage
+
+    names = args.attacks.split(",") if args.attacks else None
+    out = attack_stage(_run_config(args), args.run_dir, names, progress=not args.no_progress)
+    for name, a in out["attacks"].items():
+        for prec, r in a["precisions"].items():
+            s = r["summary"]["ssim"]
+            print(f"{name:10s} {prec:6s} SSIM {s['mean']:.4f} (95% CI {s['ci95'][0]:.4f}-{s['ci95'][1]:.4f})")
+    print(f"wrote {args.run_dir / 'cloud' / 'attacks.json'}")
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from .report import write_report
+
+    md, html = write_report(args.run_dir)
+    print(f"wrote {md} and {html}")
+    return 0
+
+
 def _cmd_list(args) -> int:
     if args.what == "defenses":
         from edgeveil.training.defenses import names
@@ -114,8 +177,11 @@ def _cmd_list(args) -> int:
     elif args.what == "datasets":
         from edgeveil.training.data import DATASETS
         rows = list(DATASETS.items())
+    elif args.what == "attacks":
+        from edgeveil.cloud_sim.attacks import create, names
+        rows = [(n, f"{d} [{p}; threat model: {create(n).threat_model.describe()}]") for n, d, p in names()]
     else:
-        print(f"no {args.what} are registered yet: {args.what} land with a later issue", file=sys.stderr)
+        print("no boards are registered yet: board profiles land with the MCU/ARM targets issue", file=sys.stderr)
         return 0
     width = max(len(n) for n, _ in rows)
     for name, desc in rows:
@@ -127,10 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
-    handlers = {"train": _cmd_train, "export": _cmd_export, "list": _cmd_list}
-    if args.command not in handlers:
-        print(f"edgeveil {args.command}: not there yet: {_NOT_YET[args.command]}", file=sys.stderr)
-        return 2
+    handlers = {"train": _cmd_train, "export": _cmd_export, "list": _cmd_list, "demo": _cmd_demo,
+                "run": _cmd_run, "bench": _cmd_bench, "serve": _cmd_serve, "attack": _cmd_attack,
+                "report": _cmd_report}
     from .config import ConfigError
 
     try:

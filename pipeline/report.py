@@ -1,0 +1,214 @@
+"""``report.md`` and a self-contained ``report.html`` (images embedded) from a run directory.
+
+Reads only what the stages wrote: config.yaml, train/metrics.json and model.json, export/manifest.json,
+device/bench.json, device/stream.json and cloud/attacks.json. A missing stage is reported as missing,
+not as an error, so a report can be written at any point of the pipeline.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import json
+import re
+from pathlib import Path
+
+__all__ = ["build_report", "write_report"]
+
+
+def _load(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); re-run the stage that writes it") from None
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def _f(v, spec=".4f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def _ci(s: dict, spec=".4f") -> str:
+    lo, hi = s["ci95"]
+    return f"{s['mean']:{spec}} ({lo:{spec}}–{hi:{spec}})"
+
+
+def _section_model(run: Path) -> list[str]:
+    info = _load(run / "train" / "model.json")
+    metrics = _load(run / "train" / "metrics.json")
+    if info is None:
+        return ["## Model", "", "Not trained yet (`edgeveil train`)."]
+    t, d = info["train"], info["data"]
+    sizes = ", ".join(f"{k} {v['size']}" for k, v in d["splits"].items())
+    return ["## Model", "",
+            f"- **{info['arch']}** (width {info['width']}, split {info['split']}), input {info['input']['shape']}, "
+            f"features {info['feature_shape']}, defense **{info['defense']['name']}** "
+            f"(strength {info['defense']['strength']})",
+            f"- Data: `{d['name']}` at {d['image_size']}×{d['image_size']}, splits: {sizes} (seed {info['seed']})",
+            f"- Trained {t['epochs_done']} epochs, batch {t['batch_size']}, lr {t['lr']} ({t['seconds']:.1f} s)",
+            f"- Float (PyTorch) test accuracy: **{metrics['float_test_accuracy']:.4f}**" if metrics else ""]
+
+
+def _section_export(run: Path) -> list[str]:
+    m = _load(run / "export" / "manifest.json")
+    if m is None:
+        return ["## Export", "", "Not exported yet (`edgeveil export`)."]
+    rows = []
+    for prec, a in m["artifacts"].items():
+        p = a["parity"]
+        rows.append([prec, f"{a['bytes']:,}", _f(a["float_accuracy"]), _f(a["tail_accuracy"]), f"{p['cosine']:.6f}",
+                     f"{p['max_abs_err']:.3g}", _f(p.get("mean_err_steps"), ".2f"), _f(p.get("max_err_steps"), ".2f"),
+                     ", ".join(a["operators"])])
+    return ["## Export: float against quantized", "",
+            f"onnx2tf {m['tools'].get('onnx2tf')}, calibration {m['calibration']['count']} images from "
+            f"{m['calibration']['split']}; parity on {m['evaluation']['parity_samples']} held-out test images "
+            "(steps = output quantization steps); accuracy = the tail fed each artifact's dequantized features.", "",
+            _table(["precision", "bytes", "float acc", "tail acc", "cosine", "max abs err", "mean steps",
+                    "max steps", "operators"], rows)]
+
+
+def _xnn(row: dict) -> str:
+    if row["xnnpack"]:
+        return "on"
+    return "off (asked on: not applied)" if row.get("xnnpack_requested") else "off"
+
+
+def _section_bench(run: Path) -> list[str]:
+    b = _load(run / "device" / "bench.json")
+    if b is None:
+        return ["## Latency", "", "Not benchmarked yet (`edgeveil bench`)."]
+    rows = [[r["precision"], f"{r['runtime']['name']} {r['runtime']['version']}", r["num_threads"],
+             _xnn(r), r["count"], f"{r['p50_us']:.1f}", f"{r['p90_us']:.1f}",
+             f"{r['avg_us']:.1f} ± {r['std_us']:.1f}", f"{r['init_us'] / 1000:.1f}", f"{r['peak_rss_mb']:.1f}",
+             f"{r['model_bytes']:,}"] for r in b["results"]]
+    mach = b.get("machine", {})
+    return ["## Latency on this machine", "",
+            f"Batch 1, {mach.get('platform', '?')}, {mach.get('cpu_count', '?')} cores. Times in µs "
+            "(median, p90, mean ± std), init in ms, memory in MB.", "",
+            _table(["precision", "runtime", "threads", "XNNPACK", "runs", "p50", "p90", "mean", "init ms",
+                    "peak RSS", "model bytes"], rows)]
+
+
+def _section_stream(run: Path) -> list[str]:
+    s = _load(run / "device" / "stream.json")
+    if s is None:
+        return []
+    return ["## Device → cloud", "",
+            f"{s['sent']} test images run through the {s['precision']} head on the device runner "
+            f"({s['runtime']}), sent as signed frames over HTTP to {s['server']}. The server's class equals the "
+            f"tail's offline prediction on the same features for **{s['agreement']:.2%}** of them; "
+            f"served accuracy {s['served_accuracy']:.4f}."]
+
+
+def _section_attacks(run: Path) -> tuple[list[str], list[Path]]:
+    a = _load(run / "cloud" / "attacks.json")
+    if a is None:
+        return ["## Attacks", "", "No attack has run yet (`edgeveil attack`)."], []
+    lines, images = ["## Attacks: float against int8 features", "",
+                     f"Targets: {a['targets']['n']} test images, features from {a['targets']['source']}. "
+                     f"SSIM: {a['ssim_convention']['summary']}. Means with 95% bootstrap intervals."], []
+    for name, att in a["attacks"].items():
+        rows = [[prec, _ci(r["summary"]["ssim"]), _ci(r["summary"]["psnr"], ".2f"), _ci(r["summary"]["mse"], ".5f"),
+                 f"{r['seconds']:.1f}"] for prec, r in att["precisions"].items()]
+        lines += ["", f"### {name}", "", f"Threat model: {att['threat_model']}", "",
+                  _table(["features", "SSIM", "PSNR (dB)", "MSE", "seconds"], rows)]
+        if "difference" in att:
+            d = att["difference"]
+            lines += ["", f"int8 − float SSIM: {d['mean']:+.4f} (95% CI {d['ci95'][0]:+.4f} to {d['ci95'][1]:+.4f})"]
+        if att.get("grid"):
+            lines += ["", f"![{name} reconstructions](cloud/{att['grid']})"]
+            images.append(run / "cloud" / att["grid"])
+    return lines, images
+
+
+def build_report(run_dir: Path) -> str:
+    run = Path(run_dir)
+    if not (run / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run / 'config.yaml'} does not exist: {run} is not an edgeveil run directory")
+    attacks, _ = _section_attacks(run)
+    parts = [f"# edgeveil report: {run.name}", "", *_section_model(run), "", *_section_export(run), "",
+             *_section_bench(run), "", *_section_stream(run), "", *attacks, "",
+             "## Config", "", "```yaml", (run / "config.yaml").read_text().rstrip(), "```", ""]
+    return "\n".join(parts)
+
+
+def _md_to_html(md: str, run: Path) -> str:
+    """A small Markdown subset (headings, lists, tables, code, images, bold) to HTML, images inlined."""
+    out, in_code, in_table, in_list = [], False, False, False
+    for line in md.splitlines():
+        if line.startswith("```"):
+            out.append("</pre>" if in_code else "<pre>")
+            in_code = not in_code
+            continue
+        if in_code:
+            out.append(html.escape(line))
+            continue
+        if in_table and not line.startswith("|"):
+            out.append("</table>")
+            in_table = False
+        if in_list and not line.startswith("- "):
+            out.append("</ul>")
+            in_list = False
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if set("".join(cells)) <= set("-"):
+                continue
+            tag = "th" if not in_table else "td"
+            if not in_table:
+                out.append("<table>")
+                in_table = True
+            out.append("<tr>" + "".join(f"<{tag}>{_inline(c, run)}</{tag}>" for c in cells) + "</tr>")
+        elif m := re.match(r"(#+) (.*)", line):
+            n = len(m.group(1))
+            out.append(f"<h{n}>{_inline(m.group(2), run)}</h{n}>")
+        elif line.startswith("- "):
+            if not in_list:
+                out.append("<ul>")
+                in_list = True
+            out.append(f"<li>{_inline(line[2:], run)}</li>")
+        elif line.strip():
+            out.append(f"<p>{_inline(line, run)}</p>")
+    out += ["</table>"] * in_table + ["</ul>"] * in_list
+    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
+             "text-align:right}th{background:#f3f3f3}pre{background:#f6f6f6;padding:1em;overflow:auto}"
+             "img{max-width:100%}")
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>edgeveil report</title><style>{style}</style>" \
+           f"</head><body>{''.join(out)}</body></html>\n"
+
+
+def _inline(text: str, run: Path) -> str:
+    def image(m):
+        path = run / m.group(2)
+        if not path.is_file():
+            return html.escape(f"[missing image {m.group(2)}]")
+        data = base64.b64encode(path.read_bytes()).decode()
+        return f"<img alt='{html.escape(m.group(1))}' src='data:image/png;base64,{data}'>"
+
+    parts = re.split(r"(!\[[^\]]*\]\([^)]*\))", text)
+    out = []
+    for p in parts:
+        m = re.fullmatch(r"!\[([^\]]*)\]\(([^)]*)\)", p)
+        if m:
+            out.append(image(m))
+        else:
+            esc = html.escape(p)
+            esc = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", esc)
+            out.append(re.sub(r"`([^`]+)`", r"<code>\1</code>", esc))
+    return "".join(out)
+
+
+def write_report(run_dir: Path) -> tuple[Path, Path]:
+    from edgeveil.training._io import atomic_write_bytes
+
+    run = Path(run_dir)
+    md = build_report(run)
+    atomic_write_bytes(run / "report.md", md.encode())
+    atomic_write_bytes(run / "report.html", _md_to_html(md, run).encode())
+    return run / "report.md", run / "report.html"

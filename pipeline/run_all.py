@@ -1,0 +1,46 @@
+"""Every stage in order for one config: train, export, bench, serve + stream, attack, report."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+__all__ = ["run_all"]
+
+
+def _say(msg: str) -> None:
+    from tqdm.auto import tqdm
+
+    tqdm.write(f"[edgeveil] {msg}")
+
+
+def run_all(cfg, out: Path, *, progress: bool = True, bench_runs: int = 100) -> dict:
+    """Run the whole path into ``out``; returns the paths and headline numbers."""
+    from edgeveil.cloud_sim.server import Server
+    from edgeveil.cloud_sim.store import default_keys_path, load_or_create_keys
+
+    from .attack_stage import attack_stage
+    from .device_stage import DEVICE_ID, bench_stage, stream_stage
+    from .report import write_report
+    from .stages import export_stage, train_stage
+
+    out, t0 = Path(out), time.perf_counter()
+    _say(f"1/6 train {cfg.model.arch} on {cfg.data.name} (defense {cfg.defense.name})")
+    metrics = train_stage(cfg, out, progress=progress)
+    _say(f"    float test accuracy {metrics['float_test_accuracy']:.4f}")
+    _say("2/6 export the head: ONNX -> TFLite " + ", ".join(cfg.export.precisions))
+    export_stage(cfg, out, progress=progress)
+    _say("3/6 benchmark every artifact on this machine")
+    bench_stage(out, runs=bench_runs, progress=progress)
+    keys = load_or_create_keys(default_keys_path(out), DEVICE_ID)
+    with Server(out, keys=keys) as server:
+        _say(f"4/6 cloud service on {server.base_url}; the device streams the test set through HTTP")
+        stream = stream_stage(out, server.base_url, keys[DEVICE_ID], progress=progress)
+    _say(f"    served class == offline tail prediction for {stream['agreement']:.2%} of {stream['sent']} frames")
+    _say(f"5/6 attack the received features: {', '.join(cfg.attack.names)}")
+    attacks = attack_stage(cfg, out, progress=progress)
+    for name, a in attacks["attacks"].items():
+        ssim = {p: r["summary"]["ssim"]["mean"] for p, r in a["precisions"].items()}
+        _say(f"    {name}: SSIM " + ", ".join(f"{p} {v:.4f}" for p, v in ssim.items()))
+    md, html = write_report(out)
+    _say(f"6/6 report: {html} (and {md.name}); {time.perf_counter() - t0:.0f} s in all")
+    return {"report": str(html), "metrics": metrics, "stream": stream, "attacks": attacks}

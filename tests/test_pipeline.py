@@ -1,0 +1,88 @@
+"""The whole path on digits, as `edgeveil run` does it: train, export, bench, serve, stream, attack, report."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import QUICK
+from edgeveil.pipeline.cli import main
+
+FAST = [*QUICK, "export.precisions=[fp32,int8]", "attack.inverse.epochs=3", "attack.inverse.restarts=1",
+        "attack.inverse.width=16"]
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory) -> Path:
+    from edgeveil.pipeline.config import load_config
+    from edgeveil.pipeline.run_all import run_all
+
+    out = tmp_path_factory.mktemp("full") / "run"
+    cfg = load_config(None, FAST)
+    run_all(cfg, out, progress=False, bench_runs=5)
+    return out
+
+
+def test_every_stage_wrote_its_part(full_run: Path):
+    for rel in ("config.yaml", "train/model.json", "export/manifest.json", "device/bench.json",
+                "device/stream.json", "device/sent.jsonl", "cloud/attacks.json", "cloud/inverse.png",
+                "report.md", "report.html"):
+        assert (full_run / rel).is_file(), rel
+    assert len(list((full_run / "cloud" / "features").glob("*.evf"))) == 359
+
+
+def test_served_classes_equal_the_offline_tail_for_the_whole_test_set(full_run: Path):
+    stream = json.loads((full_run / "device" / "stream.json").read_text())
+    assert stream["sent"] == 359 and stream["agreement"] == 1.0
+    sent = [json.loads(line) for line in (full_run / "device" / "sent.jsonl").read_text().splitlines()]
+    assert all(r["served_class"] == r["offline_class"] for r in sent)
+
+
+def test_attack_used_the_frames_the_cloud_received_and_compares_float_with_int8(full_run: Path):
+    a = json.loads((full_run / "cloud" / "attacks.json").read_text())
+    assert a["targets"]["n"] == 359 and "frames the cloud received" in a["targets"]["source"]
+    inv = a["attacks"]["inverse"]
+    assert set(inv["precisions"]) == {"float", "int8"}
+    for r in inv["precisions"].values():
+        s = r["summary"]["ssim"]
+        assert 0.0 < s["ci95"][0] <= s["mean"] <= s["ci95"][1] < 1.0
+        assert len(r["per_image"]["ssim"]) == 359
+    lo, hi = inv["difference"]["ci95"]
+    assert lo <= inv["difference"]["mean"] <= hi
+
+
+def test_bench_rows_name_the_runtime_and_xnnpack(full_run: Path):
+    b = json.loads((full_run / "device" / "bench.json").read_text())
+    rows = {(r["precision"], r["num_threads"], r["xnnpack_requested"]): r for r in b["results"]}
+    assert ("int8", 1, True) in rows and ("int8", 1, False) in rows
+    assert rows[("int8", 1, True)]["xnnpack"] is True and rows[("int8", 1, False)]["xnnpack"] is False
+    assert all(r["runtime"]["name"] == "ai_edge_litert" for r in b["results"])
+    assert all(r["peak_rss_mb"] < 400 for r in b["results"])  # a fresh process, not the torch-laden parent
+
+
+def test_report_has_every_section_and_is_self_contained(full_run: Path):
+    md = (full_run / "report.md").read_text()
+    for heading in ("## Model", "## Export: float against quantized", "## Latency on this machine",
+                    "## Device → cloud", "## Attacks: float against int8 features", "## Config"):
+        assert heading in md
+    assert "100.00%" in md and "### inverse" in md
+    html = (full_run / "report.html").read_text()
+    assert "data:image/png;base64," in html and "src='cloud/" not in html
+    assert "<table>" in html
+
+
+def test_report_of_a_partial_run_says_what_is_missing(tmp_path: Path, full_run: Path):
+    import shutil
+
+    part = tmp_path / "part"
+    shutil.copytree(full_run, part, ignore=shutil.ignore_patterns("cloud", "device", "report.*"))
+    assert main(["report", str(part)]) == 0
+    md = (part / "report.md").read_text()
+    assert "Not benchmarked yet" in md and "No attack has run yet" in md
+    assert main(["report", str(tmp_path / "nothing")]) == 1
+
+
+def test_attack_command_runs_a_named_subset_and_refuses_unknown(full_run: Path, capsys):
+    assert main(["--no-progress", "attack", str(full_run), "--attacks", "nosuch"]) == 1
+    assert "attack.names must be among inverse, got 'nosuch'" in capsys.readouterr().err

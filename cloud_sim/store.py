@@ -13,12 +13,10 @@ frames are still answered by the server but not kept, and `dropped` counts them.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
-import tempfile
 import threading
 import time
 from collections import OrderedDict
@@ -26,6 +24,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from edgeveil.device import wire
+from edgeveil.device.files import atomic_write_bytes
 
 __all__ = ["INDEX_SCHEMA", "FrameStore", "ReplyCache", "features_dir", "read_store", "default_keys_path",
            "load_or_create_keys"]
@@ -63,7 +62,7 @@ class FrameStore:
                 return False
             seq, rid = self._next_seq, frame.request_id.hex()
             name = f"{seq:08d}-{rid}.evf"
-            _write_atomic(self.folder / name, data)
+            atomic_write_bytes(self.folder / name, data)
             entry = {"schema": INDEX_SCHEMA, "seq": seq, "file": name, "request_id": rid,
                      "device_id": frame.device_id, "model_id": frame.model_id, "precision": precision,
                      "shape": list(frame.features.shape), "dtype": str(frame.features.dtype),
@@ -153,17 +152,3 @@ def _read_index(folder: Path) -> list[dict]:
             raise ValueError(f"{path}: line {n} is not a {INDEX_SCHEMA} entry")
         entries.append(entry)
     return entries
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise

@@ -25,8 +25,9 @@ import hashlib
 import json
 import os
 import re
-import uuid
 from pathlib import Path
+
+from .files import atomic_write_bytes
 
 __all__ = [
     "SCHEMA_VERSION", "PRECISIONS", "tensor_entry", "artifact_entry", "validate_manifest",
@@ -197,14 +198,4 @@ def write_json_atomic(path, obj) -> None:
     """
     path = Path(path)
     text = json.dumps(obj, indent=2, allow_nan=False) + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "x", encoding="utf-8") as f:  # not mkstemp: keep the umask's permissions
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, text.encode("utf-8"))

@@ -27,7 +27,6 @@ the device is known, the tag (constant time), the model id; then it copies the p
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import hmac
 import json
@@ -38,7 +37,6 @@ import os
 import re
 import secrets
 import struct
-import tempfile
 import time
 import uuid
 from collections import namedtuple
@@ -46,6 +44,8 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
 import numpy as np
+
+from .files import atomic_write_bytes
 
 from .quant import dequantize
 
@@ -264,18 +264,7 @@ def new_device_key() -> bytes:
 def write_key_file(path: str | os.PathLike, keys: Mapping[str, bytes]) -> None:
     """Write {device_id: hex key} as JSON, mode 0600, atomically (temp file, then os.replace)."""
     doc = {_device_id_bytes(d).decode(): _check_key(k).hex() for d, k in keys.items()}
-    path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".keys.", suffix=".tmp")
-    try:  # mkstemp creates the file 0600
-        with os.fdopen(fd, "w", encoding="ascii") as f:
-            f.write(json.dumps(doc, indent=2, sort_keys=True) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    atomic_write_bytes(path, (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode("ascii"), private=True)
 
 
 def read_key_file(path: str | os.PathLike) -> dict[str, bytes]:

@@ -25,3 +25,13 @@ def shared_data() -> Path:
 
 # A digits run that trains in seconds: tiny width, two epochs.
 QUICK = ["model.width=tiny", "train.epochs=2", "train.batch_size=32", "train.device=cpu"]
+
+
+def one_torch_thread():
+    """Generator for a fixture: torch on one thread for the fixture's scope, then as it was."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

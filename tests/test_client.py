@@ -192,4 +192,5 @@ def test_client_imports_only_the_standard_library():
             "assert 'numpy' not in sys.modules or 'edgeveil.device.wire' in sys.modules\n"
             "bad = {m.split('.')[0] for m in sys.modules} - set(sys.stdlib_module_names) - {'numpy', 'edgeveil'}\n"
             "assert not {m for m in bad if not m.startswith('_')}, bad\n")
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr

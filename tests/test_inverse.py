@@ -4,6 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from conftest import one_torch_thread
+
 torch = pytest.importorskip("torch")
 pytest.importorskip("torchmetrics")
 Image = pytest.importorskip("PIL.Image")
@@ -24,10 +26,7 @@ TINY = dict(epochs=1, width=8, lr=3e-3, restarts=1)
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """Small convolutions: one thread is as fast, and far faster when the cores are busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    yield from one_torch_thread()
 
 
 @pytest.fixture(scope="module")

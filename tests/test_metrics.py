@@ -4,6 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from conftest import one_torch_thread
+
 pytest.importorskip("torchmetrics")
 skm = pytest.importorskip("skimage.metrics")
 Image = pytest.importorskip("PIL.Image")
@@ -18,13 +20,8 @@ SKIMAGE_SSIM = dict(gaussian_weights=True, sigma=1.5, use_sample_covariance=Fals
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
-    """Tiny tensors: one thread is as fast, and far faster when the cores are busy."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    """Small convolutions: one thread is as fast, and far faster when the cores are busy."""
+    yield from one_torch_thread()
 
 
 def _digit(img8: np.ndarray, blur: float = 0.0) -> np.ndarray:

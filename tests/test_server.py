@@ -47,16 +47,16 @@ def served(run_dir):
 
 
 @pytest.fixture(scope="module")
-def test_split(run_dir):
+def split_test(run_dir):
     """The run's test split, rebuilt from model.json (sizes and hashes checked)."""
     return load_splits(read_model_info(run_dir)).test
 
 
 @pytest.fixture(scope="module")
-def int8(run_dir, test_split):
+def int8(run_dir, split_test):
     """(runner, features of the first 8 test images) for the int8 head."""
     runner = HeadRunner(run_dir / "export", "int8")
-    return runner, runner.run(test_split.x[:8])
+    return runner, runner.run(split_test.x[:8])
 
 
 def _copy_run(run_dir, dest):
@@ -115,8 +115,8 @@ def _rejected(client: CloudClient, frame: bytes) -> CloudError:
 # ------------------------------------------------------------------------------- completion
 
 
-def test_served_classes_equal_offline_on_the_whole_test_split(run_dir, served, test_split):
-    test = test_split
+def test_served_classes_equal_offline_on_the_whole_test_split(run_dir, served, split_test):
+    test = split_test
     runner = HeadRunner(run_dir / "export", "int8")
     feats = runner.run(test.x)
     assert feats.values.dtype == np.int8 and len(feats.values) == len(test) >= 300
@@ -135,9 +135,9 @@ def test_served_classes_equal_offline_on_the_whole_test_split(run_dir, served, t
     assert elapsed < 60, f"{len(test)} requests took {elapsed:.1f} s"
 
 
-def test_fp32_frames_and_batches(run_dir, served, test_split):
+def test_fp32_frames_and_batches(run_dir, served, split_test):
     runner = HeadRunner(run_dir / "export", "fp32")
-    feats = runner.run(test_split.x[:6])
+    feats = runner.run(split_test.x[:6])
     assert feats.scale is None and feats.values.dtype == np.float32
     offline = _tail_probabilities(load_run(run_dir).tail, feats.to_nchw())
     client = CloudClient(served.base_url, **CLIENT)

@@ -269,7 +269,8 @@ def test_wire_and_client_import_only_numpy_and_stdlib():
             "bad = {m.split('.')[0] for m in sys.modules} - set(sys.stdlib_module_names) - {'numpy', 'edgeveil'}\n"
             "bad = {m for m in bad if not m.startswith('_') and sys.modules.get(m) is not None}\n"
             "assert not bad, bad\n")
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
 
 
 # ---------------------------------------------------------------- properties

@@ -180,7 +180,7 @@ def _md_to_html(md: str, run: Path) -> str:
              "text-align:right}th{background:#f3f3f3}pre{background:#f6f6f6;padding:1em;overflow:auto}"
              "img{max-width:100%}")
     return f"<!doctype html><html><head><meta charset='utf-8'><title>edgeveil report</title><style>{style}</style>" \
-           f"</head><body>{''.join(out)}</body></html>\n"
+           f"</head><body>\n{chr(10).join(out)}\n</body></html>\n"
 
 
 def _inline(text: str, run: Path) -> str:

@@ -70,6 +70,7 @@ def test_report_has_every_section_and_is_self_contained(full_run: Path):
     html = (full_run / "report.html").read_text()
     assert "data:image/png;base64," in html and "src='cloud/" not in html
     assert "<table>" in html
+    assert "<pre>\ndata:\n  name: digits\n" in html  # the config keeps its lines
 
 
 def test_report_of_a_partial_run_says_what_is_missing(tmp_path: Path, full_run: Path):

@@ -1,0 +1,45 @@
+"""The benchmark scripts run end to end (slow: they train, convert and time real models)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_device_latency_quick(shared_data, tmp_path):
+    """--quick trains smallcnn briefly, builds a reduced ceiling, times every engine once and reports."""
+    out = tmp_path / "results"
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "device_latency.py"), "--quick",
+                           "--runs", str(tmp_path / "runs"), "--out", str(out)],
+                          capture_output=True, text=True, timeout=900, cwd=REPO)
+    seconds = time.monotonic() - started
+    assert done.returncode == 0, done.stderr[-5000:]
+    assert "pass 1/1 smallcnn" in done.stderr  # progress lines
+    assert "| head | MACs (M) | int8 p50 / p90 (us) |" in done.stdout and "Sanity check" in done.stdout
+    report = json.loads((out / "device_latency_quick.json").read_text())
+    assert report["quick"] and report["settings"]["passes"] == 1
+    rows = {r["head"]: r for r in report["results"]}
+    assert list(rows) == ["smallcnn", "CEIL"]
+    assert rows["CEIL"]["macs"] == 2 * 128 * 128 * 9 * 14 * 14 and rows["CEIL"]["pct_ceiling"] == pytest.approx(100)
+    assert rows["smallcnn"]["macs"] > 0 and rows["smallcnn"]["budget"]["epochs"] == 1
+    expected = {"int8", "fp32", "torch", "ort", "int8_2t"}
+    if not report["tflite_runtime_skipped"]:  # None unless its venv could not be built (no registry access)
+        expected.add("tflrt_int8")
+    for row in rows.values():
+        assert set(row["engines"]) == expected
+        assert all(e["p50_us"] > 0 and e["p90_us"] >= e["p50_us"] for e in row["engines"].values())
+        assert row["engines"]["int8"]["xnnpack"] is True and row["gmacs"] > 0
+    if "tflrt_int8" in expected:  # tflite-runtime 2.14 does not delegate int8 models to XNNPACK
+        assert all(r["engines"]["tflrt_int8"]["xnnpack"] is False for r in rows.values())
+    md = (out / "device_latency_quick.md").read_text()
+    assert md.splitlines()[2].startswith("Reproduce: `python benchmarks/device_latency.py --quick")
+    assert not (out / "device_latency.json").exists()  # --quick never overwrites the full results
+    assert seconds < 600, f"--quick took {seconds:.0f} s"  # budget 3 min on an idle 2-core machine

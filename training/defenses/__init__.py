@@ -9,6 +9,21 @@ __all__ = ["DEFENSES", "register", "create", "names"]
 DEFENSES: dict[str, tuple[str, str, str]] = {
     "none": ("edgeveil.training.defenses.none:NoDefense",
              "no defense: the plain split model, the baseline every defense is measured against", "-"),
+    "noise": ("edgeveil.training.defenses.noise:NoiseDefense",
+              "Gaussian or Laplace noise on the features (strength = sigma or b); clip_norm adds (eps, delta)",
+              "He, Zhang & Lee, IEEE IoT-J 2020; accountant: Balle & Wang, ICML 2018"),
+    "dropout": ("edgeveil.training.defenses.dropout:DropoutDefense",
+                "random zeroing of released features at training and inference (strength = p, no rescale)",
+                "He, Zhang & Lee, IEEE IoT-J 2020"),
+    "nopeek": ("edgeveil.training.defenses.nopeek:NoPeekDefense",
+               "distance correlation between input and features as a loss (strength = alpha)",
+               "Vepakomma, Singh, Gupta & Raskar, ICDM Workshops 2020"),
+    "mid": ("edgeveil.training.defenses.mid:MIDDefense",
+            "variational information bottleneck on the released features (strength = KL weight lambda)",
+            "Zou, Liu & Zhang, arXiv 2301.01142, 2023"),
+    "adversarial": ("edgeveil.training.defenses.adversarial:AdversarialDefense",
+                    "adversarial training against a jointly trained inversion decoder (strength = alpha)",
+                    "Li et al., ResSFL, CVPR 2022 (the CEM code's gan_adv baseline)"),
 }
 
 

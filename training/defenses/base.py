@@ -17,11 +17,18 @@ class Defense:
     2. ``transform(z)``: the training-time feature transform before the tail (noise, dropout,
        sampling); at inference the device applies ``inference_noise()`` instead.
     3. ``loss(x, z, logits, y)``: extra loss terms, already weighted, added to the task loss.
+
+    For tests and reports, a defense also says what it aims to change: ``target_metric(x, r)``
+    on the released features and ``TARGET_DIRECTION`` ("down" or "up": where it moves when the
+    defense works, compared with `none` trained from the same seed). ``example_strength`` is a
+    moderate strength for examples and the contract tests.
     """
 
     name = "base"
     description = ""
     paper = "-"
+    TARGET_DIRECTION: str | None = None
+    example_strength: float = 0.0
 
     def __init__(self, strength: float = 0.0, **options):
         if options:
@@ -52,6 +59,14 @@ class Defense:
     def inference_noise(self) -> dict | None:
         """What the device runtime must add after the head, or None."""
         return None
+
+    def target_metric(self, x: torch.Tensor, r: torch.Tensor) -> float:
+        """What this defense aims to change, measured on one batch.
+
+        x: (B, C, H, W) normalized inputs; r: (B, C', H', W') the features as the cloud receives
+        them in float, ``eval_transform(head(x))`` (inference-time randomness included).
+        """
+        raise NotImplementedError(f"defense {self.name} does not define target_metric")
 
     def state_dict(self) -> dict:
         return {"modules": self.modules.state_dict(), "optimizers": self._optimizer_states()}

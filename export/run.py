@@ -82,6 +82,7 @@ def export_run(run_dir: Path, *, precisions=PRECISIONS, calibration_samples: int
     test = _TestSet(x, ref, splits.test.y, loaded.tail, min(parity_samples, len(x)),
                     _tail_accuracy(loaded.tail, ref, splits.test.y))
     artifacts = _evaluate_all(runtime, paths, test, progress)
+    _check_noise(info.get("inference_noise"), artifacts)
     manifest = _manifest(run_dir, info, spec, calibration, artifacts, seconds, precisions,
                          _onnx_entry(out / "head.onnx", x[: test.n_parity], ref[: test.n_parity]))
     write_json_atomic(out / "manifest.json", validate_manifest(manifest, str(out / "manifest.json")))
@@ -183,8 +184,39 @@ def _evaluate(runtime, precision: str, path: Path, test: _TestSet, progress: boo
         output_layout=layout,
         parity=parity(test.ref[:n], features[:n], tensor_qparams(out)[0], quantized_range(out)),
         tail_accuracy=_tail_accuracy(test.tail, features, test.y), float_accuracy=test.float_accuracy,
+        zero_point_share=_zero_point_share(raw, out),
         interpreter={"name": model.runtime, "version": model.version, "resolver": model.resolver,
                      "xnnpack": model.xnnpack})
+
+
+def _zero_point_share(raw: np.ndarray, detail: dict) -> float | None:
+    """Share of output codes at the dtype's minimum (ReLU zeros), where noise loses its lower half."""
+    if not np.issubdtype(raw.dtype, np.integer):
+        return None
+    return float((raw == np.iinfo(raw.dtype).min).mean())
+
+
+def _check_noise(spec: dict | None, artifacts: dict) -> None:
+    """Record, per quantized artifact, what the device's noise becomes after rounding; warn when it
+    is below one output step (rounding erases most of it: the float evaluation would overstate it)."""
+    if not spec or spec.get("kind") not in ("gaussian", "laplace"):
+        return
+    from edgeveil.training.defenses.noise import effective_noise_after_rounding
+
+    for precision, entry in artifacts.items():
+        scale = entry["outputs"][0].get("scale")
+        if not scale or entry.get("zero_point_share") is None:
+            continue
+        eff = effective_noise_after_rounding(float(spec["sigma"]), float(scale), spec["kind"],
+                                             entry["zero_point_share"])
+        eff["below_one_step"] = eff["sigma_steps"] < 1.0
+        entry["noise_after_rounding"] = eff
+        if eff["below_one_step"]:
+            log.warning("%s: inference noise sigma %.4g is %.2f output steps (step %.4g): rounding erases most of "
+                        "it; only %.1f%% of codes change and the effective std is %.4g (%.0f%% of nominal). "
+                        "Raise the noise or expect int8 to leak like no defense.", precision, spec["sigma"],
+                        eff["sigma_steps"], scale, 100 * eff["changed_fraction"], eff["effective_std"],
+                        100 * eff["effective_ratio"])
 
 
 def _run_all(model, xin: np.ndarray, desc: str, progress: bool) -> np.ndarray:

@@ -1,0 +1,53 @@
+"""Runtime noise through the real path: train with `noise`, export int8, run on the device runner."""
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+
+from conftest import QUICK
+from edgeveil.pipeline.cli import main
+
+
+def _train_export(out, sigma: float, caplog) -> dict:
+    sets = [*QUICK, "defense.name=noise", f"defense.strength={sigma}", "export.precisions=[int8]"]
+    args = [a for s in sets for a in ("--set", s)]
+    assert main(["--no-progress", "train", "--out", str(out), *args]) == 0
+    with caplog.at_level(logging.WARNING, logger="edgeveil.export.run"):
+        assert main(["--no-progress", "export", str(out)]) == 0
+    return json.loads((out / "export" / "manifest.json").read_text())
+
+
+@pytest.mark.convert
+def test_noise_below_one_step_is_erased_by_rounding_and_the_export_warns(tmp_path, caplog):
+    from edgeveil.device.runner import HeadRunner
+    from edgeveil.training.runfile import load_splits, read_model_info
+
+    m = _train_export(tmp_path / "tiny", 1e-4, caplog)
+    assert m["inference_noise"]["kind"] == "gaussian" and m["inference_noise"]["sigma"] == pytest.approx(1e-4)
+    check = m["artifacts"]["int8"]["noise_after_rounding"]
+    assert check["below_one_step"] and check["sigma_steps"] < 0.1
+    assert check["changed_fraction"] < 1e-3
+    assert any("rounding erases most of it" in r.getMessage() for r in caplog.records)
+
+    test = load_splits(read_model_info(tmp_path / "tiny")).test
+    noisy = HeadRunner(tmp_path / "tiny" / "export", "int8", noise_seed=1).run(test.x[:64])
+    again = HeadRunner(tmp_path / "tiny" / "export", "int8", noise_seed=2).run(test.x[:64])
+    assert noisy.noise["changed_fraction"] < 1e-3
+    assert np.array_equal(noisy.values, again.values)  # two noise draws, the same codes: erased
+
+
+@pytest.mark.convert
+def test_noise_well_above_one_step_survives_without_a_warning(tmp_path, caplog):
+    from edgeveil.device.runner import HeadRunner
+    from edgeveil.training.runfile import load_splits, read_model_info
+
+    m = _train_export(tmp_path / "big", 0.5, caplog)  # ReLU features here step by ~0.01-0.05
+    check = m["artifacts"]["int8"]["noise_after_rounding"]
+    assert not check["below_one_step"] and check["sigma_steps"] > 3
+    assert not any("rounding erases" in r.getMessage() for r in caplog.records)
+    test = load_splits(read_model_info(tmp_path / "big")).test
+    out = HeadRunner(tmp_path / "big" / "export", "int8", noise_seed=1).run(test.x[:64])
+    assert out.noise["changed_fraction"] > 0.5

@@ -126,6 +126,10 @@ class _Recorder(Defense):
         self._hit("eval_transform")
         return z
 
+    def end_epoch(self, epoch, lr):
+        self._hit("end_epoch")
+        return {"epoch_metric": float(epoch)}
+
 
 def _tiny_problem(seed=0):
     from edgeveil.training import archs
@@ -143,8 +147,9 @@ def test_trainer_calls_every_defense_hook_and_logs_each_term(tmp_path: Path):
     s = TrainSettings(epochs=1, batch_size=16, lr=1e-3, device="cpu")
     history = Trainer(model.head, model.tail, d, s, tmp_path).fit(data, data, progress=False)
     assert d.calls["setup"] == 1 and d.calls["adversary_step"] == 4 and d.calls["transform"] == 4
-    assert d.calls["loss"] == 4 and d.calls["eval_transform"] >= 1
+    assert d.calls["loss"] == 4 and d.calls["eval_transform"] >= 1 and d.calls["end_epoch"] == 1
     assert {"loss_task", "loss_probe", "loss_total", "adv_metric"} <= set(history[0])
+    assert history[0]["epoch_metric"] == 1.0
     assert history[0]["loss_total"] == pytest.approx(history[0]["loss_task"] + history[0]["loss_probe"], rel=1e-5)
 
 

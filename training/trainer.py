@@ -170,6 +170,7 @@ class Trainer:
                       desc=f"train epoch {self.epoch + 1}/{self.s.epochs}") as bar:
                 rec = self._epoch(*train, bar)
             self.sched.step()
+            rec.update(self.defense.end_epoch(self.epoch + 1, self.opt.param_groups[0]["lr"]))
             rec = {"epoch": self.epoch + 1, **rec,
                    "test_accuracy": evaluate(self.head, self.tail, *test, transform=self.defense.eval_transform),
                    "lr": self.opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}

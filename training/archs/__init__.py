@@ -47,6 +47,8 @@ ARCHS: dict[str, tuple[str, str]] = {
                     "MobileNetV2, CIFAR strides, ReLU6; split = inverted-residual stages in the head (0..7)"),
     "vgg11_bn": ("edgeveil.training.archs.vgg:build",
                  "VGG11-BN with a sigmoid bottleneck (CEM setting); split = VGG cfg entries in the head (1..12)"),
+    "funnel": ("edgeveil.training.archs.funnel:build",
+               "SiftFunnel's funnel head (12 channels, SE/CBAM-like gates) and cloud upsampler; one split (1)"),
 }
 
 _WIDTHS = {"full": 1.0}

@@ -24,6 +24,18 @@ DEFENSES: dict[str, tuple[str, str, str]] = {
     "adversarial": ("edgeveil.training.defenses.adversarial:AdversarialDefense",
                     "adversarial training against a jointly trained inversion decoder (strength = alpha)",
                     "Li et al., ResSFL, CVPR 2022 (the CEM code's gan_adv baseline)"),
+    "infoscissors": ("edgeveil.training.defenses.infoscissors:InfoScissorsDefense",
+                     "CLUB bounds on I(r; x) and I(z; y) with adversarially fitted decoder and classifier "
+                     "(strength = lambda_d, option lambda_l)",
+                     "Duan et al., InfoScissors, NeurIPS 2024 (arXiv 2306.07973)"),
+    "siftfunnel": ("edgeveil.training.defenses.siftfunnel:SiftFunnelDefense",
+                   "label smoothing + dCor(x, z) + inter-channel Pearson redundancy + L1 on the features "
+                   "(strength = beta, the dCor weight); pair with arch funnel",
+                   "Yuan et al., SiftFunnel, arXiv 2501.00824 (2025)"),
+    "cem": ("edgeveil.training.defenses.cem:CEMDefense",
+            "conditional entropy maximization: class-wise cluster-variance hinge on top of a base defense "
+            "(strength = lambda; option base = noise, adversarial or nopeek)",
+            "Xia et al., CEM, CVPR 2025"),
 }
 
 

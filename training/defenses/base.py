@@ -18,6 +18,8 @@ class Defense:
        sampling); at inference the device applies ``inference_noise()`` instead.
     3. ``loss(x, z, logits, y)``: extra loss terms, already weighted, added to the task loss.
 
+    And once per epoch ``end_epoch(epoch, lr)``, before the checkpoint is written.
+
     For tests and reports, a defense also says what it aims to change: ``target_metric(x, r)``
     on the released features and ``TARGET_DIRECTION`` ("down" or "up": where it moves when the
     defense works, compared with `none` trained from the same seed). ``example_strength`` is a
@@ -55,6 +57,11 @@ class Defense:
     def eval_transform(self, z: torch.Tensor) -> torch.Tensor:
         """What float evaluation applies to features: the inference-time randomness, in float."""
         return z
+
+    def end_epoch(self, epoch: int, lr: float) -> dict[str, float]:
+        """After each epoch's steps, before its checkpoint: per-epoch work such as CEM's class-wise
+        clustering. epoch = epochs completed, lr = the next epoch's learning rate; logged scalars."""
+        return {}
 
     def inference_noise(self) -> dict | None:
         """What the device runtime must add after the head, or None."""

@@ -5,8 +5,25 @@ logits (B, K); y (B,) int64.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
+
+
+def check_option(field: str, value, *, integer: bool = False, low: float = 0.0, high: float = math.inf,
+                 open_low: bool = False):
+    """A defense's numeric option, checked: low <= value < high (low < value if open_low); ints if integer.
+
+    Returns the value (a float unless integer); a bad one is a ValueError naming the field.
+    """
+    ok = not isinstance(value, bool) and isinstance(value, int if integer else (int, float))
+    ok = ok and math.isfinite(value) and (value > low if open_low else value >= low) and value < high
+    if not ok:
+        kind = "an integer" if integer else "a number"
+        bound = f"in ({low}, {high})" if open_low else f"in [{low}, {high})"
+        raise ValueError(f"{field} must be {kind} {bound}, got {value!r}")
+    return value if integer else float(value)
 
 
 class Defense:

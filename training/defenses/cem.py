@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._decoder import fresh_decoder_mse
-from .base import Defense
+from .base import Defense, check_option
 
 __all__ = ["CEMDefense", "BASES", "kmeans"]
 
@@ -91,18 +91,6 @@ def _ends_in_sigmoid(head: nn.Module | None) -> bool:
     return isinstance(head, nn.Sigmoid)
 
 
-def _positive_int(field: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{field} must be an integer >= 1, got {value!r}")
-    return value
-
-
-def _non_negative(field: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
-        raise ValueError(f"{field} must be a finite number >= 0, got {value!r}")
-    return float(value)
-
-
 class CEMDefense(Defense):
     name = "cem"
     description = ("conditional entropy maximization: class-wise cluster-variance hinge on top of a base "
@@ -116,7 +104,7 @@ class CEMDefense(Defense):
                  clusters: int | None = None, kmeans_iters: int = 50, kmeans_samples: int = 1000,
                  lr_ramp: bool = True, **options):
         super().__init__(strength, **options)
-        _non_negative("defense.strength (lambda)", self.strength)
+        check_option("defense.strength (lambda)", self.strength)
         if base not in BASES:
             raise ValueError(f"defense.options.base must be one of {', '.join(BASES)}, got {base!r}")
         if base_options is not None and not isinstance(base_options, dict):
@@ -126,11 +114,12 @@ class CEMDefense(Defense):
         self.base = create(base, _BASE_STRENGTH[base] if base_strength is None else base_strength,
                            **(base_options or {}))
         self.modules = self.base.modules  # the base's modules are the only trainable ones
-        self.sigma = self._noise_std() if sigma is None else _non_negative("defense.options.sigma", sigma)
-        self.tau = _non_negative("defense.options.var_threshold", var_threshold)
-        self.clusters = None if clusters is None else _positive_int("defense.options.clusters", clusters)
-        self.iters = _positive_int("defense.options.kmeans_iters", kmeans_iters)
-        self.samples = _positive_int("defense.options.kmeans_samples", kmeans_samples)
+        self.sigma = self._noise_std() if sigma is None else check_option("defense.options.sigma", sigma)
+        self.tau = check_option("defense.options.var_threshold", var_threshold)
+        self.clusters = (None if clusters is None
+                         else check_option("defense.options.clusters", clusters, integer=True, low=1))
+        self.iters = check_option("defense.options.kmeans_iters", kmeans_iters, integer=True, low=1)
+        self.samples = check_option("defense.options.kmeans_samples", kmeans_samples, integer=True, low=1)
         if not isinstance(lr_ramp, bool):
             raise ValueError(f"defense.options.lr_ramp must be true or false, got {lr_ramp!r}")
         self.lr_ramp = lr_ramp

@@ -59,14 +59,13 @@ Nothing is added at inference.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ._decoder import build_decoder, fresh_decoder_mse, frozen
-from .base import Defense
+from .base import Defense, check_option
 
 __all__ = ["InfoScissorsDefense", "classifier_start"]
 
@@ -96,15 +95,6 @@ def _aux_classifier(z_shape: tuple[int, ...], hidden: int, num_classes: int) -> 
                          nn.Linear(hidden, num_classes))
 
 
-def _check(field: str, value, *, integer: bool = False, low: float = 0.0, open_low: bool = False):
-    ok = not isinstance(value, bool) and isinstance(value, int if integer else (int, float))
-    ok = ok and math.isfinite(value) and (value > low if open_low else value >= low)
-    if not ok:
-        kind = "an integer" if integer else "a number"
-        raise ValueError(f"{field} must be {kind} {'>' if open_low else '>='} {low}, got {value!r}")
-    return value
-
-
 class InfoScissorsDefense(Defense):
     name = "infoscissors"
     description = ("CLUB bounds on I(r; x) and I(z; y) with adversarially fitted decoder and "
@@ -117,17 +107,17 @@ class InfoScissorsDefense(Defense):
                  decoder_lr: float = 3e-3, aux_hidden: int = 512, aux_lr: float = 3e-3,
                  warmup_steps: int = 0, **options):
         super().__init__(strength, **options)
-        self.lambda_d = _check("defense.strength (lambda_d)", self.strength)
-        self.lambda_l = float(_check("defense.options.lambda_l", lambda_l))
+        self.lambda_d = check_option("defense.strength (lambda_d)", self.strength)
+        self.lambda_l = check_option("defense.options.lambda_l", lambda_l)
         if self.lambda_d + self.lambda_l >= 1:
             raise ValueError(f"defense.strength (lambda_d) + defense.options.lambda_l must be < 1, got "
                              f"{self.lambda_d} + {self.lambda_l}")
         opt = "defense.options."
-        self.decoder_width = _check(opt + "decoder_width", decoder_width, integer=True, low=1)
-        self.aux_hidden = _check(opt + "aux_hidden", aux_hidden, integer=True, low=1)
-        self.decoder_lr = float(_check(opt + "decoder_lr", decoder_lr, open_low=True))
-        self.aux_lr = float(_check(opt + "aux_lr", aux_lr, open_low=True))
-        self.warmup_steps = _check(opt + "warmup_steps", warmup_steps, integer=True)
+        self.decoder_width = check_option(opt + "decoder_width", decoder_width, integer=True, low=1)
+        self.aux_hidden = check_option(opt + "aux_hidden", aux_hidden, integer=True, low=1)
+        self.decoder_lr = check_option(opt + "decoder_lr", decoder_lr, open_low=True)
+        self.aux_lr = check_option(opt + "aux_lr", aux_lr, open_low=True)
+        self.warmup_steps = check_option(opt + "warmup_steps", warmup_steps, integer=True)
         self.opts: dict[str, torch.optim.Optimizer] = {}
         self.steps = 0  # adversary steps taken: drives the warm-up, checkpointed
         self.classifier_start: str | None = None

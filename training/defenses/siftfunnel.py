@@ -35,13 +35,12 @@ Kept as in the code: dCor on the normalized input; batch-mean KL. Nothing is add
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
 
 from ._dcor import distance_correlation
-from .base import Defense
+from .base import Defense, check_option
 
 __all__ = ["SiftFunnelDefense", "pearson_redundancy", "smoothed_targets"]
 
@@ -68,12 +67,6 @@ def smoothed_targets(y: torch.Tensor, num_classes: int, smoothing: float) -> tor
     return t.scatter_(1, y.unsqueeze(1), 1.0 - smoothing)
 
 
-def _number(field: str, value, low: float = 0.0, high: float = math.inf) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value < high:
-        raise ValueError(f"{field} must be a number in [{low}, {high}), got {value!r}")
-    return float(value)
-
-
 class SiftFunnelDefense(Defense):
     name = "siftfunnel"
     description = ("label smoothing + dCor(x, z) + inter-channel Pearson redundancy + L1 on the features "
@@ -85,11 +78,11 @@ class SiftFunnelDefense(Defense):
     def __init__(self, strength: float = 0.0, *, alpha: float = 5.0, gamma: float = 2.0,
                  smoothing: float = 0.25, l1: float = 0.03, **options):
         super().__init__(strength, **options)
-        self.beta = _number("defense.strength (beta)", self.strength)
-        self.alpha = _number("defense.options.alpha", alpha)
-        self.gamma = _number("defense.options.gamma", gamma)
-        self.smoothing = _number("defense.options.smoothing", smoothing, high=1.0)
-        self.l1 = _number("defense.options.l1", l1)
+        self.beta = check_option("defense.strength (beta)", self.strength)
+        self.alpha = check_option("defense.options.alpha", alpha)
+        self.gamma = check_option("defense.options.gamma", gamma)
+        self.smoothing = check_option("defense.options.smoothing", smoothing, high=1.0)
+        self.l1 = check_option("defense.options.l1", l1)
 
     def loss(self, x, z, logits, y) -> dict[str, torch.Tensor]:
         t = smoothed_targets(y, logits.shape[1], self.smoothing)

@@ -115,7 +115,7 @@ def _coerce(path: str, value: Any, tp, meta: dict) -> tuple[Any, str | None]:
     ok = None
     for a in allowed:
         if a is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            ok = float(value) if not (str in allowed and isinstance(value, str)) else value
+            ok = float(value)
             break
         if a is int and isinstance(value, int) and not isinstance(value, bool):
             ok = value

@@ -84,6 +84,29 @@ def _width(value):
         return value
 
 
+def _model_info(cfg: Config, model, splits, sizes: dict, norm, defense, settings, history: list[dict]) -> dict:
+    """What model.json records: enough to rebuild the model, the data splits and the head's input."""
+    import torch
+
+    channels, image_size = splits.test.x.shape[3], splits.test.x.shape[1]
+    return {
+        "arch": cfg.model.arch, "split": model.split, "width": _width(cfg.model.width),
+        "arch_options": cfg.model.options, "num_classes": len(splits.test.class_names),
+        "class_names": list(splits.test.class_names),
+        "input": {"shape": [channels, image_size, image_size], "layout": "NCHW", "pixel_scale": "x/255",
+                  "mean": norm[0], "std": norm[1]},
+        "feature_shape": list(model.feature_shape),
+        "defense": {"name": cfg.defense.name, "strength": cfg.defense.strength, "options": cfg.defense.options},
+        "inference_noise": defense.inference_noise(),
+        "seed": cfg.seed,
+        "data": {"name": cfg.data.name, "root": cfg.data.root, "download": cfg.data.download,
+                 "image_size": image_size, "sizes": sizes, "splits": splits.describe()},
+        "train": {**dataclasses.asdict(settings), "epochs_done": len(history),
+                  "seconds": sum(r["seconds"] for r in history)},
+        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+    }
+
+
 def train_stage(cfg: Config, run_dir: Path, progress: bool = True) -> dict:
     """Train the split model of ``cfg`` into ``run_dir/train`` (resuming if interrupted)."""
     import torch
@@ -133,22 +156,7 @@ def train_stage(cfg: Config, run_dir: Path, progress: bool = True) -> dict:
     head, tail = trainer.head.cpu().eval(), trainer.tail.cpu().eval()
     defense.to("cpu")
     accuracy = evaluate(head, tail, *test_t, transform=defense.eval_transform)
-    info = {
-        "arch": cfg.model.arch, "split": split, "width": _width(cfg.model.width),
-        "arch_options": cfg.model.options, "num_classes": len(test_pool.class_names),
-        "class_names": list(test_pool.class_names),
-        "input": {"shape": [channels, image_size, image_size], "layout": "NCHW", "pixel_scale": "x/255",
-                  "mean": mean, "std": std},
-        "feature_shape": list(model.feature_shape),
-        "defense": {"name": cfg.defense.name, "strength": cfg.defense.strength, "options": cfg.defense.options},
-        "inference_noise": defense.inference_noise(),
-        "seed": cfg.seed,
-        "data": {"name": cfg.data.name, "root": cfg.data.root, "download": cfg.data.download,
-                 "image_size": image_size, "sizes": sizes, "splits": splits.describe()},
-        "train": {**dataclasses.asdict(settings), "epochs_done": len(history),
-                  "seconds": sum(r["seconds"] for r in history)},
-        "versions": {"torch": torch.__version__, "python": platform.python_version()},
-    }
+    info = _model_info(cfg, model, splits, sizes, (mean, std), defense, settings, history)
     metrics = {"schema": "edgeveil.metrics/1", "float_test_accuracy": accuracy,
                "test_size": len(splits.test), "epochs": len(history),
                "train_seconds": info["train"]["seconds"]}

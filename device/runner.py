@@ -16,7 +16,10 @@ the applied noise differ from the nominal one, and both are reported: rounding e
 below one step, and clipping at the range ends (ReLU features sit at the zero point, the dtype's
 minimum) removes half of the noise there. Specs: {"kind": "gaussian", "sigma": std},
 {"kind": "laplace", "sigma": scale b} (std = sqrt(2) b), {"kind": "dropout", "p": probability}
-(a dropped feature becomes 0.0, i.e. the zero point).
+(a dropped feature becomes 0.0, i.e. the zero point). A Gaussian or Laplace spec with "clip_norm"
+(and "clip_ord", 2 or 1) first scales each image's dequantized features down to that L2 / L1 norm,
+as the noise defense did in training, then adds the noise and requantizes: the (epsilon, delta) the
+export reports holds only with this clipping, and rounding afterwards is post-processing.
 """
 from __future__ import annotations
 
@@ -32,7 +35,8 @@ from .interpreter import run as run_model
 from .manifest import read_manifest
 from .quant import ROUNDINGS, dequantize, quantize, round_half_away, tensor_qparams
 
-__all__ = ["Features", "HeadRunner", "NOISE_KINDS", "add_quantized_noise", "add_float_noise", "check_noise_spec"]
+__all__ = ["Features", "HeadRunner", "NOISE_KINDS", "add_quantized_noise", "add_float_noise", "check_noise_spec",
+           "clip_per_sample"]
 
 NOISE_KINDS = ("gaussian", "laplace", "dropout")
 
@@ -154,7 +158,29 @@ def check_noise_spec(spec, where: str = "inference_noise") -> dict | None:
         raise ValueError(f"{where}.{key} must be {allowed} for kind {spec['kind']!r}, got {value!r}")
     if not math.isfinite(value):
         raise ValueError(f"{where}.{key} must be finite, got {value!r}")
+    clip = spec.get("clip_norm")
+    if clip is not None:
+        if spec["kind"] == "dropout":
+            raise ValueError(f"{where}.clip_norm applies to gaussian and laplace noise, not to dropout")
+        if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not 0 < clip < math.inf:
+            raise ValueError(f"{where}.clip_norm must be a positive finite number or null, got {clip!r}")
+        ord_ = spec.setdefault("clip_ord", 2 if spec["kind"] == "gaussian" else 1)
+        if ord_ not in (1, 2) or isinstance(ord_, bool):
+            raise ValueError(f"{where}.clip_ord must be 1 or 2, got {ord_!r}")
     return dict(spec)
+
+
+def clip_per_sample(values: np.ndarray, max_norm: float, ord: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Scale each sample (first axis) down to L`ord` norm <= max_norm, as the noise defense does in training.
+
+    Returns (float64 values, (N,) bool: which samples were scaled down). The norm is over all of a
+    sample's elements, so the layout (NHWC or NCHW) does not matter.
+    """
+    x = np.asarray(values, dtype=np.float64)
+    flat = x.reshape(len(x), -1)
+    norms = np.abs(flat).sum(axis=1) if ord == 1 else np.sqrt((flat * flat).sum(axis=1))
+    factor = np.minimum(1.0, max_norm / np.maximum(norms, 1e-300))
+    return (flat * factor[:, None]).reshape(x.shape), factor < 1.0
 
 
 def add_quantized_noise(codes: np.ndarray, scale: float, zero_point: int, spec: dict | None,
@@ -171,16 +197,23 @@ def add_quantized_noise(codes: np.ndarray, scale: float, zero_point: int, spec: 
         return codes, None
     codes = np.asarray(codes)
     info = np.iinfo(codes.dtype)
+    scaled = None
+    if spec.get("clip_norm") is not None:  # clip the dequantized features, then noise, then requantize
+        clipped_values, scaled = clip_per_sample(dequantize(codes, scale, zero_point), spec["clip_norm"],
+                                                 spec["clip_ord"])
+        base = clipped_values / float(scale) + zero_point
+    else:
+        base = codes.astype(np.float64)
     if spec["kind"] == "dropout":
         noisy = np.where(rng.random(codes.shape) < spec["p"], codes.dtype.type(zero_point), codes)
         clipped = np.zeros(codes.shape, dtype=bool)
     else:
-        moved = codes.astype(np.float64) + _draw(spec, codes.shape, rng) / float(scale)
+        moved = base + _draw(spec, codes.shape, rng) / float(scale)
         rounded = round_half_away(moved)
         clipped = (rounded < info.min) | (rounded > info.max)
         noisy = np.clip(rounded, info.min, info.max).astype(codes.dtype)
-    applied = (noisy.astype(np.float64) - codes.astype(np.float64)) * float(scale)
-    return noisy, _stats(spec, scale, applied, noisy != codes, clipped)
+    applied = (noisy.astype(np.float64) - base) * float(scale)
+    return noisy, _stats(spec, scale, applied, noisy != codes, clipped, scaled)
 
 
 def add_float_noise(values: np.ndarray, spec: dict | None,
@@ -190,12 +223,16 @@ def add_float_noise(values: np.ndarray, spec: dict | None,
     values = np.asarray(values, dtype=np.float32)
     if spec is None:
         return values, None
+    scaled = None
+    base = values.astype(np.float64)
+    if spec.get("clip_norm") is not None:
+        base, scaled = clip_per_sample(base, spec["clip_norm"], spec["clip_ord"])
     if spec["kind"] == "dropout":
         noisy = np.where(rng.random(values.shape) < spec["p"], np.float32(0.0), values)
     else:
-        noisy = (values.astype(np.float64) + _draw(spec, values.shape, rng)).astype(np.float32)
-    applied = noisy.astype(np.float64) - values.astype(np.float64)
-    return noisy, _stats(spec, None, applied, noisy != values, np.zeros(values.shape, dtype=bool))
+        noisy = (base + _draw(spec, values.shape, rng)).astype(np.float32)
+    applied = noisy.astype(np.float64) - base
+    return noisy, _stats(spec, None, applied, noisy != values, np.zeros(values.shape, dtype=bool), scaled)
 
 
 def _draw(spec: dict, shape: tuple, rng: np.random.Generator) -> np.ndarray:
@@ -204,7 +241,8 @@ def _draw(spec: dict, shape: tuple, rng: np.random.Generator) -> np.ndarray:
     return rng.laplace(0.0, spec["sigma"], shape)
 
 
-def _stats(spec: dict, scale: float | None, applied: np.ndarray, changed: np.ndarray, clipped: np.ndarray) -> dict:
+def _stats(spec: dict, scale: float | None, applied: np.ndarray, changed: np.ndarray, clipped: np.ndarray,
+           scaled: np.ndarray | None = None) -> dict:
     sigma = spec.get("sigma")
     nominal = {"gaussian": sigma, "laplace": None if sigma is None else math.sqrt(2.0) * sigma}.get(spec["kind"])
     stats = {"kind": spec["kind"], "sigma": sigma,
@@ -215,6 +253,9 @@ def _stats(spec: dict, scale: float | None, applied: np.ndarray, changed: np.nda
              "clipped_fraction": float(clipped.mean()) if clipped.size else 0.0}
     if spec["kind"] == "dropout":
         stats["p"] = spec["p"]
+    if scaled is not None:
+        stats.update(clip_norm=spec["clip_norm"], clip_ord=spec["clip_ord"],
+                     scaled_down_fraction=float(scaled.mean()) if scaled.size else 0.0)
     return stats
 
 

@@ -15,6 +15,7 @@ import pytest
 
 from edgeveil.device.interpreter import InterpreterError, Runtime, find_interpreter
 from edgeveil.device.manifest import sha256_file
+from edgeveil.device.quant import dequantize
 from edgeveil.device.runner import Features, HeadRunner, add_float_noise, add_quantized_noise
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "digits_tiny"
@@ -259,6 +260,44 @@ def test_quantized_noise_closed_forms_on_many_codes():
     assert np.count_nonzero(tiny) == round(stats["changed_fraction"] * mid.size)
     same, none = add_quantized_noise(mid, 0.5, 0, None, rng)
     assert same is mid and none is None
+
+
+def _norms(x: np.ndarray, ord: int) -> np.ndarray:
+    flat = x.reshape(len(x), -1).astype(np.float64)
+    return np.abs(flat).sum(axis=1) if ord == 1 else np.sqrt((flat ** 2).sum(axis=1))
+
+
+@pytest.mark.parametrize("kind, ord", [("gaussian", 2), ("laplace", 1)])
+def test_clip_norm_bounds_each_images_features_before_the_noise(tmp_path, expected, manifest, kind, ord):
+    """The (epsilon, delta) needs every release clipped to clip_norm before noise, on the device too."""
+    scale, zero_point = out_qparams(manifest)
+    ref = dequantize(expected["codes_ref"], scale, zero_point)
+    clip = float(np.median(_norms(ref, ord))) / 2  # half the images must be scaled down
+    spec = {"kind": kind, "sigma": 0.0, "clip_norm": clip}
+    out = fixture_copy(tmp_path, inference_noise=spec)
+    feats = HeadRunner(out, "int8", noise_seed=0, reference_kernels=True).run(expected["images"])
+    norms = _norms(feats.dequantized(), ord)
+    n_elems = ref[0].size
+    rounding = 0.5 * scale * (n_elems if ord == 1 else math.sqrt(n_elems))  # at most half a step per element
+    assert np.all(norms <= clip + rounding)
+    inside = _norms(ref, ord) <= clip
+    assert np.array_equal(feats.values[inside], expected["codes_ref"][inside])  # already inside: unchanged
+    assert np.all(norms[~inside] < _norms(ref, ord)[~inside])
+    assert feats.noise["scaled_down_fraction"] == pytest.approx(np.mean(~inside))
+    assert feats.noise["clip_norm"] == clip and feats.noise["clip_ord"] == ord
+    # The same clipping on float features, with the noise on top.
+    f32, stats = add_float_noise(ref, {"kind": kind, "sigma": 0.01, "clip_norm": clip}, np.random.default_rng(0))
+    clipped = ref * np.minimum(1, clip / _norms(ref, ord))[:, None, None, None]
+    assert np.std(f32 - clipped) == pytest.approx(0.01 * (1 if kind == "gaussian" else math.sqrt(2)), rel=0.05)
+    assert stats["effective_std"] == pytest.approx(np.std(f32 - clipped), rel=1e-3)
+
+
+def test_clip_norm_without_noise_kind_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="clip_norm applies to gaussian and laplace"):
+        HeadRunner(fixture_copy(tmp_path, inference_noise={"kind": "dropout", "p": 0.1, "clip_norm": 1.0}), "int8")
+    with pytest.raises(ValueError, match="clip_norm must be a positive"):
+        HeadRunner(fixture_copy(tmp_path / "b", inference_noise={"kind": "gaussian", "sigma": 0.1, "clip_norm": -1}),
+                   "int8")
 
 
 def test_dropout_sets_codes_to_the_zero_point(expected, manifest):

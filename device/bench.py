@@ -100,6 +100,11 @@ def bench_export_dir(export_dir, *, runs: int = 100, warmup: int = 10, threads=(
             row = {"precision": precision, "threads": t, "xnnpack_requested": False,
                    "reason": f"{runtime.name} {runtime.version} cannot turn XNNPACK off (no OpResolverType)"}
             skipped.append(row)
+        elif x and manifest["artifacts"][precision].get("xnnpack_safe") is False:
+            row = {"precision": precision, "threads": t, "xnnpack_requested": True,
+                   "reason": "the manifest marks this artifact unsafe for XNNPACK (quantization scales below "
+                             "1e-6: a dead layer); XNNPACK refuses or aborts on it"}
+            skipped.append(row)
         else:
             kwargs = dict(runs=runs, warmup=warmup, threads=t, xnnpack=x, min_seconds=min_seconds)
             row = _bench_isolated(path, runtime.name, **kwargs) if isolate else bench_model(

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,6 +99,11 @@ class HeadRunner:
                                            f"{manifest_path}: field inference_noise")
         self._spec = _input_spec(self.manifest["input_spec"], manifest_path)
         runtime = runtime if isinstance(runtime, Runtime) else find_interpreter(runtime)
+        if xnnpack and self.entry.get("xnnpack_safe") is False:
+            # Scales below 1e-6 (a dead layer): XNNPACK refuses such a model or aborts the process.
+            warnings.warn(f"{self.path.name}: the manifest marks it unsafe for XNNPACK (tiny quantization "
+                          "scales); running it with the builtin kernels", RuntimeWarning, stacklevel=2)
+            xnnpack = False
         try:
             self.loaded = runtime.make(_verified_bytes(self.path, self.entry["sha256"]), num_threads=num_threads,
                                        xnnpack=xnnpack, reference_kernels=reference_kernels)

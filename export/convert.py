@@ -272,6 +272,35 @@ def tflite_problems(path, precision: str) -> list[str]:
     return problems
 
 
+TINY_SCALE = 1e-6
+
+
+def tiny_scales(path, threshold: float = TINY_SCALE) -> list[dict]:
+    """int8/int16 tensors whose quantization scale is below `threshold` (or zero).
+
+    Such a scale means the tensor was (almost) all zero over the calibration set: a dead layer or
+    filter. ai-edge-litert 2.3's XNNPACK refuses these models or aborts the process, so the export
+    evaluates them without XNNPACK and the manifest tells the device to do the same.
+    Returns [{"tensor", "dtype", "min_scale", "channels_below"}], one per offending tensor.
+    """
+    schema, model = _read_tflite(path)
+    small = {schema.TensorType.INT8: "int8", schema.TensorType.INT16: "int16"}
+    found = []
+    for g in range(model.SubgraphsLength()):
+        graph = model.Subgraphs(g)
+        for t in range(graph.TensorsLength()):
+            tensor = graph.Tensors(t)
+            q = tensor.Quantization()
+            if tensor.Type() not in small or q is None or q.ScaleLength() == 0:
+                continue
+            scales = q.ScaleAsNumpy()
+            below = int((scales < threshold).sum())
+            if below:
+                found.append({"tensor": tensor.Name().decode(), "dtype": small[tensor.Type()],
+                              "min_scale": float(scales.min()), "channels_below": below})
+    return found
+
+
 def _integer_problems(schema, model, codes: list[str], io_type: str) -> list[str]:
     graph, types = model.Subgraphs(0), {v: k for k, v in vars(schema.TensorType).items() if k.isupper()}
     problems = []

@@ -173,7 +173,13 @@ def _evaluate_all(runtime, paths: dict, test: _TestSet, progress: bool) -> dict:
 
 def _evaluate(runtime, precision: str, path: Path, test: _TestSet, progress: bool) -> dict:
     """Run one artifact on the whole test split the device's way; its manifest entry."""
-    model = runtime.make(path)
+    tiny = tiny_scales(path)
+    if tiny:
+        log.warning("%s: %d tensor(s) have quantization scales below %g (all zero over the calibration set: "
+                    "a dead layer or filter), e.g. %s scale %.3g. XNNPACK refuses or crashes on such models: "
+                    "evaluated without it, and the manifest tells the device to run it without XNNPACK.",
+                    precision, len(tiny), TINY_SCALE, tiny[0]["tensor"], tiny[0]["min_scale"])
+    model = runtime.make(path, xnnpack=not tiny)
     inp, out = model.get_input_details()[0], model.get_output_details()[0]
     raw = _run_all(model, prepare_input(test.x, inp), f"{precision} on test", progress)
     features, layout = match_layout(read_output(raw, out), test.ref.shape[1:])
@@ -186,7 +192,8 @@ def _evaluate(runtime, precision: str, path: Path, test: _TestSet, progress: boo
         tail_accuracy=_tail_accuracy(test.tail, features, test.y), float_accuracy=test.float_accuracy,
         zero_point_share=_zero_point_share(raw, out),
         interpreter={"name": model.runtime, "version": model.version, "resolver": model.resolver,
-                     "xnnpack": model.xnnpack})
+                     "xnnpack": model.xnnpack},
+        **({"xnnpack_safe": False, "tiny_scales": tiny} if tiny else {}))
 
 
 def _zero_point_share(raw: np.ndarray, detail: dict) -> float | None:

@@ -341,3 +341,14 @@ def test_an_interpreter_without_resolver_types_still_runs_with_xnnpack(expected)
     assert np.abs(runner.run(expected["images"]).values.astype(int) - expected["codes_ref"]).max() <= 1
     with pytest.raises(ValueError, match="cannot turn XNNPACK off"):
         HeadRunner(FIXTURE, "int8", runtime=bare, xnnpack=False)
+
+
+def test_an_artifact_marked_unsafe_for_xnnpack_runs_without_it(tmp_path, expected):
+    out = fixture_copy(tmp_path)
+    doc = json.loads((out / "manifest.json").read_text())
+    doc["artifacts"]["int8"]["xnnpack_safe"] = False
+    (out / "manifest.json").write_text(json.dumps(doc))
+    with pytest.warns(RuntimeWarning, match="unsafe for XNNPACK"):
+        runner = HeadRunner(out, "int8")
+    assert runner.xnnpack is False
+    assert np.array_equal(runner.run(expected["images"]).values, expected["codes_ref"])

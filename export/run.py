@@ -25,7 +25,7 @@ from edgeveil.device.manifest import (SCHEMA_VERSION, artifact_entry, sha256_fil
 from edgeveil.device.quant import tensor_qparams
 
 from .convert import ONNX2TF_SUFFIXES, PRECISIONS, check_normalization, check_precisions, convert, onnx2tf_args
-from .convert import tflite_operators
+from .convert import TINY_SCALE, tflite_operators, tiny_scales
 from .onnx_export import INPUT_NAME, OPSET, OUTPUT_NAME, export_onnx
 from .parity import match_layout, normalize_pixels, parity, prepare_input, quantized_range, read_output
 

@@ -33,6 +33,9 @@ from edgeveil.training.trainer import Trainer, TrainSettings
 NAMES = list(defenses.DEFENSES)
 DEFENDED = [n for n in NAMES if n != "none"]
 SIZE, STEPS, BATCH = 16, 20, 32
+# InfoScissors plays two adversaries (decoder, auxiliary classifier) against the head: after 20
+# steps the fresh decoder's MSE was above `none`'s by only 1%, after 80 steps clearly (see below).
+TARGET_STEPS = {"infoscissors": 80}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -75,15 +78,16 @@ def trained(digits):
     x, y = digits[0][:1024], digits[1][:1024]
     cache: dict = {}
 
-    def get(name: str):
-        if name not in cache:
+    def get(name: str, steps: int = STEPS):
+        if (name, steps) not in cache:
             model, defense = _built(name)
-            settings = TrainSettings(epochs=1, batch_size=BATCH, lr=3e-3, device="cpu", seed=0,
-                                     max_steps_per_epoch=STEPS)
+            epochs = -(-steps * BATCH // len(x))  # enough passes over the 1,024 images for `steps`
+            settings = TrainSettings(epochs=epochs, batch_size=BATCH, lr=3e-3, device="cpu", seed=0,
+                                     max_steps_per_epoch=min(steps, len(x) // BATCH))
             with tempfile.TemporaryDirectory() as tmp:
                 Trainer(model.head, model.tail, defense, settings, tmp).fit((x, y), (x[:64], y[:64]), progress=False)
-            cache[name] = (model.head.eval(), model.tail.eval(), defense)
-        return cache[name]
+            cache[(name, steps)] = (model.head.eval(), model.tail.eval(), defense)
+        return cache[(name, steps)]
 
     return get
 
@@ -186,12 +190,14 @@ def test_a_few_steps_move_the_target_against_none(name, trained, digits):
     """Same seed, same batches: the defense's own target metric on its released features moves in
     TARGET_DIRECTION compared with the undefended head's features."""
     x = digits[0][-128:]
-    head_none = trained("none")[0]
-    head, _, defense = trained(name)
+    steps = TARGET_STEPS.get(name, STEPS)
+    head_none = trained("none", steps)[0]
+    head, _, defense = trained(name, steps)
     with torch.no_grad():
         torch.manual_seed(1)
         released, plain = defense.eval_transform(head(x)), head_none(x)
     defended, undefended = defense.target_metric(x, released), defense.target_metric(x, plain)
+    print(f"{name} after {steps} steps: target {defended:.5f} against none's {undefended:.5f}")
     assert math.isfinite(defended) and math.isfinite(undefended)
     if defense.TARGET_DIRECTION == "down":
         assert defended < undefended, (defended, undefended)

@@ -8,6 +8,9 @@ int8 features, the PyTorch head for float ones.
 """
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import logging
 import time
 from pathlib import Path
@@ -29,6 +32,65 @@ def _float_features(head, images_u8: np.ndarray, mean, std) -> np.ndarray:
         return torch.cat([head(x[i:i + 256]) for i in range(0, len(x), 256)]).numpy()
 
 
+def _to_u8(images01: np.ndarray) -> np.ndarray:
+    """(N, C, H, W) float in [0, 1] -> (N, H, W, C) uint8 pixels, as a camera would give them."""
+    x = np.asarray(images01, dtype=np.float32)
+    if x.ndim != 4 or not np.isfinite(x).all():
+        raise ValueError(f"query images must be finite (N, C, H, W) arrays, got shape {x.shape}")
+    return np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+
+
+def _qparams(detail: dict) -> dict | None:
+    if detail.get("scale") is None:
+        return None
+    info = np.iinfo(np.dtype(detail["dtype"]))
+    return {"scale": float(detail["scale"]), "zero_point": int(detail["zero_point"]),
+            "qmin": int(info.min), "qmax": int(info.max)}
+
+
+class _FloatQuery:
+    """The PyTorch head (and the manifest's noise, in float) as a query function."""
+
+    def __init__(self, head, mean, std, noise, seed: int):
+        from edgeveil.device.runner import add_float_noise
+
+        self.head, self.mean, self.std, self.noise = head, mean, std, noise
+        self._add, self._rng = add_float_noise, np.random.default_rng(seed)
+
+    def __call__(self, images01: np.ndarray) -> np.ndarray:
+        feats = _float_features(self.head, _to_u8(images01), self.mean, self.std)
+        return self._add(feats, self.noise, self._rng)[0]
+
+
+class _ArtifactQuery:
+    """A TFLite artifact through the device runner (noise included) as a query function."""
+
+    def __init__(self, runner):
+        self.runner = runner
+
+    def __call__(self, images01: np.ndarray) -> np.ndarray:
+        return self.runner.run(_to_u8(images01)).to_nchw()
+
+
+def _victims(run, runners: dict, manifest: dict, seed: int) -> dict:
+    """precision -> Victim: what each deployment exposes to an attacker with the right access."""
+    from edgeveil.cloud_sim.attacks.base import Victim
+
+    mean, std = run.info["input"]["mean"], run.info["input"]["std"]
+    noise = manifest.get("inference_noise")
+    c, h, _ = run.info["input"]["shape"]
+    arch = {"arch": run.info["arch"], "split": run.info["split"], "width": run.info["width"], "in_channels": c,
+            "image_size": h, "num_classes": int(run.info["num_classes"]), "options": run.info.get("arch_options", {})}
+    common = dict(head=run.head, tail=run.tail, mean=tuple(mean), std=tuple(std), noise=noise,
+                  num_classes=int(run.info["num_classes"]), arch=arch)
+    out = {"float": Victim("float", _FloatQuery(run.head, mean, std, noise, seed), **common)}
+    for prec, runner in runners.items():
+        entry = manifest["artifacts"][prec]
+        out[prec] = Victim(prec, _ArtifactQuery(runner), input_quant=_qparams(entry["inputs"][0]),
+                           output_quant=_qparams(entry["outputs"][0]), **common)
+    return out
+
+
 def _targets(run_dir: Path, test, runner, keys) -> tuple[np.ndarray, np.ndarray, str]:
     """(test indices, int8 features NCHW float) from the cloud's store, or from the local runner."""
     from edgeveil.cloud_sim.store import read_store
@@ -47,8 +109,51 @@ def _targets(run_dir: Path, test, runner, keys) -> tuple[np.ndarray, np.ndarray,
     return np.arange(len(test)), feats, "the device runner, locally (no frames stored)"
 
 
+def _record_key(name: str, attack, prec: str, victim_id: str, idx: np.ndarray, n_aux: int, seed: int) -> str:
+    """What an (attack, precision) result depends on; a stored result with another key is redone."""
+    blob = json.dumps({"attack": name, "options": attack.options, "precision": prec, "artifact": victim_id,
+                       "targets": hashlib.sha256(np.ascontiguousarray(idx, np.int64).tobytes()).hexdigest(),
+                       "aux": n_aux, "seed": seed}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _load_record(folder: Path, stem: str, key: str):
+    """(entry, reconstructions or None) of a finished (attack, precision), or None to (re)do it."""
+    try:
+        rec = json.loads((folder / f"{stem}.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    if rec.get("key") != key:
+        return None
+    recon = None
+    if rec.get("reconstructions"):
+        try:
+            with np.load(folder / rec["reconstructions"], allow_pickle=False) as z:
+                recon = z["reconstructions"].astype(np.float32) / 255.0
+        except (OSError, KeyError, ValueError):
+            return None
+    return rec, recon
+
+
+def _save_record(folder: Path, stem: str, rec: dict, recon: np.ndarray | None) -> None:
+    from edgeveil.device.files import atomic_write_bytes
+    from edgeveil.device.manifest import write_json_atomic
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if recon is not None:
+        buf = io.BytesIO()
+        np.savez_compressed(buf, reconstructions=np.clip(np.rint(recon * 255), 0, 255).astype(np.uint8))
+        atomic_write_bytes(folder / f"{stem}.npz", buf.getvalue())
+        rec["reconstructions"] = f"{stem}.npz"
+    write_json_atomic(folder / f"{stem}.json", rec)
+
+
 def attack_stage(cfg, run_dir: Path, names: list[str] | None = None, progress: bool = True) -> dict:
-    """Run the attacks on float and int8 features; write cloud/attacks.json and one grid per attack."""
+    """Run the attacks on float, int8 (and fp16) features of the same inputs; write cloud/attacks.json.
+
+    Each finished (attack, precision) is kept in cloud/attacks/ with a key over what it depends on,
+    so a rerun after an interruption resumes: finished pairs are read back, not recomputed.
+    """
     from edgeveil.cloud_sim import metrics
     from edgeveil.cloud_sim.attacks import ATTACKS, create
     from edgeveil.cloud_sim.attacks.base import AttackContext
@@ -63,43 +168,119 @@ def attack_stage(cfg, run_dir: Path, names: list[str] | None = None, progress: b
     attacks = {n: create(n, **cfg.attack.options.get(n, {})) for n in names}  # validate before work
     run = load_run(run_dir)
     splits = load_splits(run.info)
-    mean, std = run.info["input"]["mean"], run.info["input"]["std"]
-    runner = HeadRunner(run_dir / "export", "int8", noise_seed=cfg.seed)
-    idx, target_q, source = _targets(run_dir, splits.test, runner, load_or_create_keys(default_keys_path(run_dir)))
-    target_u8 = splits.test.x[idx]
-    target_images = (target_u8.transpose(0, 3, 1, 2) / 255.0).astype(np.float32)
-    aux_u8 = splits.aux.x
-    aux_images = (aux_u8.transpose(0, 3, 1, 2) / 255.0).astype(np.float32)
-    features = {
-        "float": (_float_features(run.head, aux_u8, mean, std), _float_features(run.head, target_u8, mean, std)),
-        "int8": (runner.run(aux_u8).to_nchw(), target_q),
-    }
-    out = {"schema": "edgeveil.attacks/1", "targets": {"n": len(idx), "source": source},
-           "aux": {"n": len(aux_u8), "source": "attacker auxiliary split, queried through the same artifact"},
+    runners = {"int8": HeadRunner(run_dir / "export", "int8", noise_seed=cfg.seed)}
+    manifest = runners["int8"].manifest
+    for prec in cfg.attack.precisions:
+        if prec not in ("float", "int8") and prec in manifest["artifacts"]:
+            runners[prec] = HeadRunner(run_dir / "export", prec, noise_seed=cfg.seed)
+    skipped = [p for p in cfg.attack.precisions if p != "float" and p not in manifest["artifacts"]]
+    if skipped:
+        log.info("not exported, so not attacked: %s", ", ".join(skipped))
+    victims = _victims(run, {p: r for p, r in runners.items() if p in cfg.attack.precisions}, manifest, cfg.seed)
+    idx, target_q, source = _targets(run_dir, splits.test, runners["int8"],
+                                     load_or_create_keys(default_keys_path(run_dir)))
+    to01 = lambda u8: (u8.transpose(0, 3, 1, 2) / 255.0).astype(np.float32)  # noqa: E731
+    target_images, aux_images = to01(splits.test.x[idx]), to01(splits.aux.x)
+    labelled = splits.labelled
+    victim_images = to01(splits.victim_train.x) if any(a.wants_victim_images for a in attacks.values()) else None
+    target_features = {p: (target_q if p == "int8" else v.query(target_images)) for p, v in victims.items()}
+    artifact_ids = {p: (run.info.get("files", {}).get("head.pt", "torch") if p == "float"
+                        else manifest["artifacts"][p]["sha256"]) for p in victims}
+    out = {"schema": "edgeveil.attacks/2",
+           "targets": {"n": len(idx), "source": source, "indices": [int(i) for i in idx]},
+           "aux": {"n": len(aux_images), "source": "attacker auxiliary split, queried through the same artifact"},
+           "labelled": {"n": len(labelled)}, "precisions": list(victims),
+           "inference_noise": manifest.get("inference_noise"),
+           "noise_after_rounding": manifest["artifacts"]["int8"].get("noise_after_rounding"),
            "ssim_convention": {**metrics.SSIM_CONVENTION,
                                "summary": f"torchmetrics, {metrics.SSIM_CONVENTION['window']} window, "
                                           "data range 1, whole map incl. border"},
            "attacks": {}}
+    folder = run_dir / "cloud" / "attacks"
+    aux_features: dict = {}
     for name, attack in attacks.items():
-        entry = {"threat_model": attack.threat_model.describe(), "paper": ATTACKS[name][2], "precisions": {}}
-        recs = {}
-        for prec, (aux_f, tgt_f) in features.items():
+        entry = {"threat_model": attack.threat_model.describe(), "description": ATTACKS[name][1],
+                 "paper": ATTACKS[name][2], "options": attack.options, "precisions": {}}
+        recons = {}
+        for prec, victim in victims.items():
+            stem, key = f"{name}.{prec}", _record_key(name, attack, prec, artifact_ids[prec], idx,
+                                                       len(aux_images), cfg.seed)
+            done = _load_record(folder, stem, key)
+            if done is not None:
+                log.info("%s on %s features: finished earlier, read back", name, prec)
+                rec, recons[prec] = done
+                entry["precisions"][prec] = rec["result"]
+                continue
+            if prec not in aux_features:
+                aux_features[prec] = victim.query(aux_images)
             t0 = time.perf_counter()
-            ctx = AttackContext(aux_images=aux_images, aux_features=aux_f, target_features=tgt_f,
-                                target_images=target_images, seed=cfg.seed, progress=progress)
+            ctx = AttackContext(aux_images=aux_images, aux_features=aux_features[prec],
+                                target_features=target_features[prec], target_images=target_images,
+                                seed=cfg.seed, progress=progress, victim=victim,
+                                aux_labels=splits.aux.y, labelled_images=to01(labelled.x),
+                                labelled_features=victim.query(to01(labelled.x)) if len(labelled) else None,
+                                labelled_labels=labelled.y, target_labels=splits.test.y[idx],
+                                victim_images=victim_images if attack.wants_victim_images else None)
             res = attack.run(ctx)
-            recs[prec] = res
-            entry["precisions"][prec] = {"summary": res.summary, "seconds": time.perf_counter() - t0,
-                                         "info": {k: v for k, v in res.info.items() if k != "restarts"},
-                                         "per_image": {k: v.tolist() for k, v in res.scores.items()}}
-        if all(r.scores for r in recs.values()):
-            mean_d, lo, hi = metrics.paired_bootstrap_diff(recs["int8"].scores["ssim"], recs["float"].scores["ssim"])
-            entry["difference"] = {"metric": "ssim", "mean": mean_d, "ci95": [lo, hi]}
-        if all(r.reconstructions is not None for r in recs.values()):
+            result = {"summary": res.summary, "seconds": time.perf_counter() - t0,
+                      "info": {k: v for k, v in res.info.items() if k != "restarts"},
+                      "per_image": {k: np.asarray(v).tolist() for k, v in res.scores.items()}}
+            _save_record(folder, stem, {"key": key, "result": result}, res.reconstructions)
+            entry["precisions"][prec], recons[prec] = result, res.reconstructions
+        entry["differences"] = _differences(entry["precisions"], metrics)
+        if recons and all(r is not None for r in recons.values()):
             grid = f"{name}.png"
-            save_grid(target_images, {p: r.reconstructions for p, r in recs.items()}, run_dir / "cloud" / grid,
-                      title=f"{name}: originals, then reconstructions from float and int8 features")
+            save_grid(target_images, recons, run_dir / "cloud" / grid,
+                      title=f"{name}: originals, then reconstructions from " + ", ".join(recons) + " features")
             entry["grid"] = grid
         out["attacks"][name] = entry
+    out["verdict"] = _verdict(cfg, run, out)
     write_json_atomic(run_dir / "cloud" / "attacks.json", out)
+    return out
+
+
+def _check_baseline(info: dict, baseline_dir: Path) -> None:
+    """The baseline must be the same model on the same data, only without the defense."""
+    from edgeveil.training.runfile import read_model_info
+
+    other = read_model_info(baseline_dir)
+    keys = ("arch", "split", "width", "num_classes")
+    diff = [f"{k}: {other.get(k)!r} here {info.get(k)!r}" for k in keys if other.get(k) != info.get(k)]
+    if other["data"].get("splits") != info["data"].get("splits"):
+        diff.append("data splits (sizes or hashes) differ")
+    if diff:
+        raise ValueError(f"attack.baseline {baseline_dir} is not the same model on the same data: {'; '.join(diff)}")
+
+
+def _verdict(cfg, run, out: dict) -> dict:
+    """The verdict, against the undefended baseline run (attack.baseline) when one is given."""
+    from edgeveil.cloud_sim.verdict import verdict
+
+    baseline = None
+    if cfg.attack.baseline:
+        path = Path(cfg.attack.baseline) / "cloud" / "attacks.json"
+        try:
+            baseline = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"attack.baseline: {path} does not exist; run the attacks on the undefended "
+                                    "baseline first (edgeveil attack BASELINE_DIR)") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"attack.baseline: {path} is not valid JSON ({e})") from None
+        _check_baseline(run.info, Path(cfg.attack.baseline))
+    return verdict(out, cfg.attack.tolerance, baseline, defense=run.info.get("defense", {}).get("name"))
+
+
+def _differences(precisions: dict, metrics) -> dict:
+    """metric -> precision -> paired (precision - float) mean and 95% bootstrap interval."""
+    if "float" not in precisions:
+        return {}
+    base = precisions["float"]["per_image"]
+    out: dict = {}
+    for prec, rec in precisions.items():
+        if prec == "float":
+            continue
+        for metric, values in rec["per_image"].items():
+            if metric in base and len(base[metric]) == len(values):
+                mean_d, lo, hi = metrics.paired_bootstrap_diff(np.asarray(values), np.asarray(base[metric]))
+                out.setdefault(metric, {})[prec] = {"mean": mean_d, "ci95": [lo, hi]}
     return out

@@ -75,9 +75,19 @@ class ExportConfig:
     target: str | None = _spec(None, doc="a board profile: edgeveil list boards")
 
 
+_TOLERANCE = {"ssim": 0.02, "psnr": 0.5, "accuracy": 0.02, "mi": 0.05}
+
+
 @dataclass(frozen=True)
 class AttackConfig:
     names: list = _spec(factory=lambda: ["inverse"])
+    precisions: list = _spec(factory=lambda: ["float", "int8", "fp16"],
+                             doc="feature precisions to attack: float (PyTorch) and exported artifacts; "
+                                 "ones the export did not produce are skipped")
+    baseline: str | None = _spec(None, doc="run directory of the undefended model trained the same way, "
+                                           "for the verdict's defended-against-undefended comparison")
+    tolerance: dict = _spec(factory=lambda: dict(_TOLERANCE),
+                            doc="how much worse int8 may leak than float: ssim, psnr (dB), accuracy")
     options: dict = _spec(factory=dict, doc="per-attack options, keyed by attack name")
 
 
@@ -180,6 +190,16 @@ def _check_semantics(cfg: Config, problems: list[str]) -> None:
     if bad or not cfg.export.precisions:
         problems.append(f"export.precisions must be a non-empty list of {', '.join(_PRECISIONS)}, "
                         f"got {cfg.export.precisions!r}")
+    attack_precisions = ("float",) + _PRECISIONS
+    bad = [p for p in cfg.attack.precisions if p not in attack_precisions]
+    if bad or "float" not in cfg.attack.precisions or len(cfg.attack.precisions) < 2:
+        problems.append(f"attack.precisions must list float and at least one of {', '.join(_PRECISIONS)}, "
+                        f"got {cfg.attack.precisions!r}")
+    tol = cfg.attack.tolerance
+    bad = {k: v for k, v in tol.items() if k not in _TOLERANCE or isinstance(v, bool)
+           or not isinstance(v, (int, float)) or not v >= 0}
+    if bad:
+        problems.append(f"attack.tolerance takes numbers >= 0 for {', '.join(_TOLERANCE)}, got {bad!r}")
     if not (cfg.train.device in ("auto", "cpu", "cuda") or cfg.train.device.startswith("cuda:")):
         problems.append(f"train.device must be auto, cpu, cuda or cuda:N, got {cfg.train.device!r}")
 

@@ -106,6 +106,10 @@ def _section_stream(run: Path) -> list[str]:
             f"served accuracy {s['served_accuracy']:.4f}."]
 
 
+_SPEC = {"psnr": ".2f", "mse": ".5f"}
+_LABEL = {"ssim": "SSIM", "psnr": "PSNR (dB)", "mse": "MSE", "accuracy": "accuracy", "mi": "MI (nats)"}
+
+
 def _section_attacks(run: Path) -> tuple[list[str], list[Path]]:
     a = _load(run / "cloud" / "attacks.json")
     if a is None:
@@ -114,17 +118,44 @@ def _section_attacks(run: Path) -> tuple[list[str], list[Path]]:
                      f"Targets: {a['targets']['n']} test images, features from {a['targets']['source']}. "
                      f"SSIM: {a['ssim_convention']['summary']}. Means with 95% bootstrap intervals."], []
     for name, att in a["attacks"].items():
-        rows = [[prec, _ci(r["summary"]["ssim"]), _ci(r["summary"]["psnr"], ".2f"), _ci(r["summary"]["mse"], ".5f"),
-                 f"{r['seconds']:.1f}"] for prec, r in att["precisions"].items()]
+        metric_names = list(dict.fromkeys(m for r in att["precisions"].values() for m in r["summary"]))
+        rows = [[prec, *(_ci(r["summary"][m], _SPEC.get(m, ".4f")) if m in r["summary"] else "-"
+                         for m in metric_names), f"{r['seconds']:.1f}"] for prec, r in att["precisions"].items()]
         lines += ["", f"### {name}", "", f"Threat model: {att['threat_model']}", "",
-                  _table(["features", "SSIM", "PSNR (dB)", "MSE", "seconds"], rows)]
-        if "difference" in att:
-            d = att["difference"]
-            lines += ["", f"int8 − float SSIM: {d['mean']:+.4f} (95% CI {d['ci95'][0]:+.4f} to {d['ci95'][1]:+.4f})"]
+                  _table(["features", *(_LABEL.get(m, m) for m in metric_names), "seconds"], rows)]
+        for metric, per in att.get("differences", {}).items():
+            for prec, d in per.items():
+                lines += ["", f"{prec} − float {_LABEL.get(metric, metric)}: {d['mean']:+.4f} "
+                              f"(95% CI {d['ci95'][0]:+.4f} to {d['ci95'][1]:+.4f})"]
         if att.get("grid"):
             lines += ["", f"![{name} reconstructions](cloud/{att['grid']})"]
             images.append(run / "cloud" / att["grid"])
     return lines, images
+
+
+def _section_verdict(run: Path) -> list[str]:
+    a = _load(run / "cloud" / "attacks.json")
+    v = a.get("verdict") if a else None
+    if v is None:
+        return []
+    word = {True: "survives", False: "does NOT survive", None: "not judged"}[v["survives"]]
+    lines = ["## Verdict: does privacy survive compression?", "", f"**{word}.** {v['headline']}", ""]
+    rows = []
+    for c in v["checks"]:
+        d = c["difference"]
+        label = _LABEL.get(c["metric"], c["metric"])
+        if d is None:
+            rows.append([c["attack"], label, c["kind"], "-", "-", c["outcome"]])
+            continue
+        what = (f"{c['precision']} − float (tolerance {c['tolerance']:g})" if c["kind"] == "compression"
+                else f"defended − undefended, {c['precision']} (must be below −{c['tolerance']:g})")
+        rows.append([c["attack"], label, what, f"{d['mean']:+.4f}", f"{d['ci95'][0]:+.4f} to {d['ci95'][1]:+.4f}",
+                     c["outcome"]])
+    if rows:
+        lines += [_table(["attack", "metric", "comparison", "difference", "95% CI", "outcome"], rows), ""]
+    lines.append("Leakage metrics: higher means more leakage. Compression holds when the interval's upper end is "
+                 "within the tolerance; the defense holds when the whole interval is below minus the tolerance.")
+    return lines
 
 
 def build_report(run_dir: Path) -> str:
@@ -132,7 +163,8 @@ def build_report(run_dir: Path) -> str:
     if not (run / "config.yaml").is_file():
         raise FileNotFoundError(f"{run / 'config.yaml'} does not exist: {run} is not an edgeveil run directory")
     attacks, _ = _section_attacks(run)
-    parts = [f"# edgeveil report: {run.name}", "", *_section_model(run), "", *_section_export(run), "",
+    parts = [f"# edgeveil report: {run.name}", "", *_section_verdict(run), "", *_section_model(run), "",
+             *_section_export(run), "",
              *_section_bench(run), "", *_section_stream(run), "", *attacks, "",
              "## Config", "", "```yaml", (run / "config.yaml").read_text().rstrip(), "```", ""]
     return "\n".join(parts)

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 
-__all__ = ["ThreatModel", "Attack", "AttackContext", "AttackResult", "resolve_device",
+__all__ = ["ThreatModel", "Victim", "Attack", "AttackContext", "AttackResult", "resolve_device",
            "register", "load", "create"]
 
 _ARRAYS = ("aux_images", "aux_features", "target_features", "target_images")
+_OPTIONAL = ("labelled_images", "labelled_features", "victim_images")
 
 
 @dataclass(frozen=True)
@@ -35,8 +36,50 @@ class ThreatModel:
 
 
 @dataclass
+class Victim:
+    """What the deployment behind the features exposes. An attack uses only what its threat model grants.
+
+    precision: the artifact that produced the features ("float" for the PyTorch head, or a manifest
+    precision such as "int8" or "fp16").
+    query: images (N, C, H, W) float32 in [0, 1] -> features (N, C', H', W') float32 through that
+    same artifact, runtime noise included (query access; KA's other-distribution data, the
+    noise-image regime of `inverse`). Images are rounded to uint8 pixels first, as a camera gives them.
+    head: the float PyTorch head in eval mode (white-box attacks only); input is normalized images.
+    tail: the cloud's own PyTorch tail (the server always has it): features (N, C', H', W') -> logits.
+    mean, std: the head's input normalization, (x - mean) / std per channel, x in [0, 1].
+    input_quant, output_quant: {"scale", "zero_point", "qmin", "qmax"} of an integer artifact's
+    input and output tensors (None for float artifacts): fake-quantize with these to mimic it.
+    noise: the inference-time noise spec the runtime adds after the head (manifest
+    `inference_noise`), or None.
+    arch: how the head is built, from model.json: {"arch", "split", "width", "in_channels",
+    "image_size", "num_classes", "options"}; `edgeveil.training.archs.create(arch, in_channels=...,
+    image_size=..., num_classes=..., split=..., width=..., **options)` rebuilds it with fresh weights
+    (an attacker who knows the architecture but not the weights: `shadow`).
+    """
+    precision: str = "float"
+    query: Callable[[np.ndarray], np.ndarray] | None = None
+    head: Any = None
+    tail: Any = None
+    mean: tuple = (0.0,)
+    std: tuple = (1.0,)
+    input_quant: dict | None = None
+    output_quant: dict | None = None
+    noise: dict | None = None
+    num_classes: int = 0
+    arch: dict | None = None
+
+
+@dataclass
 class AttackContext:
-    """Everything an attack may use (shapes above); arrays become float32 and are checked on creation."""
+    """Everything an attack may use (shapes above); arrays become float32 and are checked on creation.
+
+    aux_labels: labels of the auxiliary images (labelled-data attacks such as `shadow`).
+    labelled_images / labelled_labels: the attacker's few labelled samples (`pmc`), (L, C, H, W) in
+    [0, 1] and (L,) int64, a subset of the auxiliary set; labelled_features are the same through the artifact.
+    target_labels: the targets' true classes, for scoring completion attacks only.
+    victim_images: images of the victim's own training set, (V, C, H, W) in [0, 1]: only for the
+    "same set" query regime of `inverse` (an upper bound: the attacker queried the training data).
+    """
     aux_images: np.ndarray
     aux_features: np.ndarray
     target_features: np.ndarray
@@ -44,11 +87,21 @@ class AttackContext:
     seed: int = 0
     device: str = "auto"
     progress: bool = True
+    victim: Victim | None = None
+    aux_labels: np.ndarray | None = None
+    labelled_images: np.ndarray | None = None
+    labelled_features: np.ndarray | None = None
+    labelled_labels: np.ndarray | None = None
+    target_labels: np.ndarray | None = None
+    victim_images: np.ndarray | None = None
 
     def __post_init__(self):
-        for name in (n for n in _ARRAYS if getattr(self, n) is not None):
+        for name in (n for n in _ARRAYS + _OPTIONAL if getattr(self, n) is not None):
             setattr(self, name, np.asarray(getattr(self, name), dtype=np.float32))
-        problems = _context_problems(self)
+        for name in ("aux_labels", "labelled_labels", "target_labels"):
+            if getattr(self, name) is not None:
+                setattr(self, name, np.asarray(getattr(self, name), dtype=np.int64))
+        problems = _context_problems(self) + _optional_problems(self)
         if problems:
             raise ValueError("attack context: " + "; ".join(problems))
 
@@ -74,6 +127,28 @@ def _context_problems(ctx: AttackContext) -> list[str]:
     return problems
 
 
+def _optional_problems(ctx: AttackContext) -> list[str]:
+    problems = []
+    pairs = (("aux_labels", ctx.aux_labels, len(ctx.aux_images)),
+             ("target_labels", ctx.target_labels, len(ctx.target_features)))
+    for name, labels, n in pairs:
+        if labels is not None and labels.shape != (n,):
+            problems.append(f"{name} must have shape ({n},), got {labels.shape}")
+    vi = ctx.victim_images
+    if vi is not None and (vi.ndim != 4 or vi.shape[1:] != ctx.aux_images.shape[1:]):
+        problems.append(f"victim_images must be (V, {', '.join(map(str, ctx.aux_images.shape[1:]))}), got {vi.shape}")
+    li, lf, ll = ctx.labelled_images, ctx.labelled_features, ctx.labelled_labels
+    if (li is None) != (ll is None):
+        problems.append("labelled_images and labelled_labels come together")
+    elif li is not None:
+        if li.ndim != 4 or li.shape[1:] != ctx.aux_images.shape[1:] or ll.shape != (len(li),):
+            problems.append(f"labelled_images must be (L, {', '.join(map(str, ctx.aux_images.shape[1:]))}) "
+                            f"with labelled_labels (L,), got {li.shape} and {ll.shape}")
+        if lf is not None and lf.shape != (len(li),) + ctx.aux_features.shape[1:]:
+            problems.append(f"labelled_features must be {(len(li),) + ctx.aux_features.shape[1:]}, got {lf.shape}")
+    return problems
+
+
 @dataclass
 class AttackResult:
     reconstructions: np.ndarray | None          # (M, C, H, W) in [0, 1], or None (non-inverting attacks)
@@ -89,6 +164,11 @@ class Attack:
     paper: ClassVar[str] = "-"
     threat_model: ClassVar[ThreatModel] = ThreatModel(False, False, "none", 0)
     OPTIONS: ClassVar[dict[str, Any]] = {}
+
+    @property
+    def wants_victim_images(self) -> bool:
+        """True when this configuration needs ctx.victim_images (the stage loads them only then)."""
+        return False
 
     def __init__(self, **options):
         unknown = sorted(set(options) - set(self.OPTIONS))

@@ -1,0 +1,150 @@
+"""A report over several runs (defenses and strengths): the verdicts, and trade-off plots.
+
+A sweep is a folder whose subfolders are run directories (each with config.yaml). Per run it
+reads train/model.json, train/metrics.json, export/manifest.json and cloud/attacks.json, and draws,
+per attack, accuracy against leakage with float and int8 on the same axes: SSIM for the inverting
+attacks, completion accuracy for `pmc`. Each defense is one colour, its strengths joined by a line;
+hollow markers and dotted lines are float, filled markers and solid lines int8.
+
+    write_sweep_report(folder) -> (report.md, report.html)
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+__all__ = ["find_runs", "collect", "write_sweep_report"]
+
+# attack -> (metric on the x axis, its label)
+_X = {"pmc": ("accuracy", "completion accuracy of the attacker's classifier"), "mine": ("mi", "MI estimate (nats)")}
+_DEFAULT_X = ("ssim", "reconstruction SSIM")
+
+
+def find_runs(folder: Path) -> list[Path]:
+    """Run directories directly under `folder` (those with a config.yaml), sorted by name."""
+    return sorted(p for p in Path(folder).iterdir() if (p / "config.yaml").is_file())
+
+
+def _read(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+
+
+def collect(folder: Path) -> list[dict]:
+    """One record per run: defense, strength, float and int8 accuracy, attack summaries, verdict."""
+    rows = []
+    for run in find_runs(folder):
+        info, metrics = _read(run / "train" / "model.json"), _read(run / "train" / "metrics.json")
+        manifest, attacks = _read(run / "export" / "manifest.json"), _read(run / "cloud" / "attacks.json")
+        if info is None or metrics is None:
+            continue
+        accuracy = {"float": metrics["float_test_accuracy"]}
+        for prec, a in (manifest or {}).get("artifacts", {}).items():
+            accuracy[prec] = a["tail_accuracy"]
+        rows.append({"run": run.name, "defense": info["defense"]["name"], "strength": info["defense"]["strength"],
+                     "accuracy": accuracy,
+                     "attacks": {n: {p: r["summary"] for p, r in a["precisions"].items()}
+                                 for n, a in (attacks or {}).get("attacks", {}).items()},
+                     "verdict": (attacks or {}).get("verdict")})
+    return rows
+
+
+def tradeoff_plot(rows: list[dict], attack: str, path: Path) -> bool:
+    """Accuracy against the attack's leakage metric; False when nothing to draw."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric, label = _X.get(attack, _DEFAULT_X)
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    drawn = False
+    defenses = list(dict.fromkeys(r["defense"] for r in rows))
+    for i, defense in enumerate(defenses):
+        rs = sorted((r for r in rows if r["defense"] == defense and attack in r["attacks"]), key=lambda r: r["strength"])
+        for prec, fill, style in (("float", "none", ":"), ("int8", "full", "-")):
+            pts = [(r["attacks"][attack][prec][metric], r["accuracy"].get(prec)) for r in rs
+                   if prec in r["attacks"][attack] and metric in r["attacks"][attack][prec]
+                   and r["accuracy"].get(prec) is not None]
+            if not pts:
+                continue
+            xs = [s["mean"] for s, _ in pts]
+            err = [[s["mean"] - s["ci95"][0] for s, _ in pts], [s["ci95"][1] - s["mean"] for s, _ in pts]]
+            ax.errorbar(xs, [a for _, a in pts], xerr=err, marker="os^vD<>PX*"[i % 10], fillstyle=fill,
+                        linestyle=style, color=f"C{i % 10}", capsize=2, label=f"{defense} ({prec})")
+            drawn = True
+    if not drawn:
+        plt.close(fig)
+        return False
+    ax.set_xlabel(f"{label} (more leakage →)")
+    ax.set_ylabel("test accuracy (float: PyTorch; int8: the tail on int8 features)")
+    ax.set_title(f"{attack}: accuracy against leakage, float (hollow) and int8 (filled)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _fmt_summary(s: dict | None, metric: str) -> str:
+    if not s or metric not in s:
+        return "-"
+    m = s[metric]
+    return f"{m['mean']:.3f} ({m['ci95'][0]:.3f}–{m['ci95'][1]:.3f})"
+
+
+def build_sweep_report(folder: Path) -> tuple[str, list[Path]]:
+    from .report import _table
+
+    folder = Path(folder)
+    rows = collect(folder)
+    if not rows:
+        raise FileNotFoundError(f"{folder} holds no trained run directories (subfolders with config.yaml and "
+                                "train/model.json)")
+    attacks = list(dict.fromkeys(a for r in rows for a in r["attacks"]))
+    lines = [f"# edgeveil sweep: {folder.name}", "", "## Verdicts", ""]
+    verdict_rows = []
+    for r in rows:
+        v = r["verdict"]
+        word = "-" if v is None else {True: "survives", False: "does NOT survive", None: "not judged"}[v["survives"]]
+        verdict_rows.append([r["run"], r["defense"], f"{r['strength']:g}", word,
+                             (v or {}).get("headline", "no attack has run").replace("|", "/")])
+    lines += [_table(["run", "defense", "strength", "privacy after compression", "why"], verdict_rows), ""]
+    header = ["run", "defense", "strength", "float acc", "int8 acc"]
+    for a in attacks:
+        metric = _X.get(a, _DEFAULT_X)[0]
+        header += [f"{a} {metric} float", f"{a} {metric} int8"]
+    table_rows = []
+    for r in rows:
+        cells = [r["run"], r["defense"], f"{r['strength']:g}", f"{r['accuracy']['float']:.4f}",
+                 "-" if r["accuracy"].get("int8") is None else f"{r['accuracy']['int8']:.4f}"]
+        for a in attacks:
+            metric = _X.get(a, _DEFAULT_X)[0]
+            per = r["attacks"].get(a, {})
+            cells += [_fmt_summary(per.get("float"), metric), _fmt_summary(per.get("int8"), metric)]
+        table_rows.append(cells)
+    lines += ["## Accuracy and leakage", "", "Means with 95% bootstrap intervals over the attacked test images.", "",
+              _table(header, table_rows), ""]
+    images = []
+    lines += ["## Trade-offs", ""]
+    for a in attacks:
+        png = folder / "plots" / f"tradeoff_{a}.png"
+        if tradeoff_plot(rows, a, png):
+            lines += [f"![{a}: accuracy against leakage](plots/{png.name})", ""]
+            images.append(png)
+    return "\n".join(lines), images
+
+
+def write_sweep_report(folder: Path) -> tuple[Path, Path]:
+    from edgeveil.training._io import atomic_write_bytes
+
+    from .report import _md_to_html
+
+    folder = Path(folder)
+    md, _ = build_sweep_report(folder)
+    atomic_write_bytes(folder / "report.md", md.encode())
+    atomic_write_bytes(folder / "report.html", _md_to_html(md, folder).encode())
+    return folder / "report.md", folder / "report.html"

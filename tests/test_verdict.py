@@ -1,0 +1,148 @@
+"""The verdict: its decision rule on constructed scores, then the case it exists for, end to end.
+
+The end-to-end case: one head whose output range is set by an outlier channel (a constant
+channel of 1,200 that the tail ignores, as large activations in real heads do), so the int8 output step is large
+against the informative channels. A `noise` defense on that head, with sigma a fraction of one
+step, protects in a float evaluation, but on the device rounding erases the noise and int8 leaks
+like the undefended head. The verdict must say so, and flag the erased noise.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import QUICK
+from edgeveil.cloud_sim.verdict import verdict
+
+
+def _prec(values: dict[str, np.ndarray]) -> dict:
+    from edgeveil.cloud_sim import metrics
+
+    return {"summary": metrics.summarize(values), "per_image": {k: v.tolist() for k, v in values.items()}}
+
+
+def _attacks(float_ssim, int8_ssim, indices=None, noise=None) -> dict:
+    return {"targets": {"indices": list(range(len(float_ssim))) if indices is None else indices},
+            "inference_noise": noise, "noise_after_rounding": None,
+            "attacks": {"inverse": {"precisions": {"float": _prec({"ssim": np.asarray(float_ssim)}),
+                                                   "int8": _prec({"ssim": np.asarray(int8_ssim)})}}}}
+
+
+def _checks(v: dict, kind: str) -> dict:
+    return {c["precision"]: c for c in v["checks"] if c["kind"] == kind}
+
+
+RNG = np.random.default_rng(0)
+BASE = RNG.uniform(0.5, 0.9, 300)
+
+
+def test_int8_leaking_within_tolerance_holds_and_beyond_it_fails():
+    v = verdict(_attacks(BASE, BASE + 0.005), {"ssim": 0.02})
+    assert _checks(v, "compression")["int8"]["outcome"] == "holds" and v["survives"] is None
+    v = verdict(_attacks(BASE, BASE + 0.05 + RNG.normal(0, 0.01, 300)), {"ssim": 0.02})
+    c = _checks(v, "compression")["int8"]
+    assert c["outcome"] == "fails" and c["difference"]["mean"] == pytest.approx(0.05, abs=0.005)
+    assert "int8 leaks more than float" in v["headline"]
+    v = verdict(_attacks(BASE, BASE + 0.015 + RNG.normal(0, 0.08, 300)), {"ssim": 0.02})
+    assert _checks(v, "compression")["int8"]["outcome"] == "uncertain"  # mean within, interval past it
+
+
+def test_a_defense_must_beat_no_defense_at_every_compressed_precision():
+    undefended = _attacks(BASE, BASE)
+    good = verdict(_attacks(BASE - 0.3, BASE - 0.3), None, undefended, defense="cem")
+    assert good["survives"] is True and good["paired_with_baseline"]
+    assert all(c["outcome"] == "holds" for c in good["checks"])
+    assert good["headline"].startswith("Privacy survives compression")
+    # Float protection that int8 loses: the float evaluation's claim does not carry over.
+    lost = verdict(_attacks(BASE - 0.3, BASE), None, undefended, defense="noise")
+    assert lost["survives"] is False
+    assert _checks(lost, "defense")["float"]["outcome"] == "holds"
+    assert _checks(lost, "defense")["int8"]["outcome"] == "fails"
+    assert "although on float features the defense did beat no defense" in lost["headline"]
+
+
+def test_without_a_baseline_only_compression_is_judged():
+    v = verdict(_attacks(BASE - 0.3, BASE - 0.3), None, None, defense="cem")
+    assert v["survives"] is None and not _checks(v, "defense")
+    assert "No undefended baseline was given" in v["headline"]
+
+
+def test_other_targets_in_the_baseline_are_compared_as_independent_samples():
+    undefended = _attacks(BASE, BASE, indices=list(range(1, 301)))
+    v = verdict(_attacks(BASE - 0.3, BASE - 0.3), None, undefended, defense="cem")
+    assert not v["paired_with_baseline"] and v["survives"] is True
+
+
+# ------------------------------------------------------------------------------- end to end
+
+
+def _cli(*args) -> None:
+    from edgeveil.pipeline.cli import main
+
+    assert main(["--no-progress", *args]) == 0
+
+
+def _sets(*overrides) -> list[str]:
+    return [a for s in overrides for a in ("--set", s)]
+
+
+FAST = [*QUICK, "export.precisions=[int8]", "attack.precisions=[float,int8]", "attack.inverse.epochs=8",
+        "attack.inverse.restarts=1", "attack.inverse.width=16"]
+
+
+def _outlier_head(run: Path, bias: float) -> None:
+    """Channel 0 of the head's output made a large constant (the last BatchNorm's weight 0, bias
+    `bias`), which the tail ignores (its first convolution's weights on that channel zeroed)."""
+    import torch
+
+    from edgeveil.training.runfile import sha256_file
+
+    info = json.loads((run / "train" / "model.json").read_text())
+    for name in ("head.pt", "tail.pt"):
+        path = run / "train" / name
+        state = torch.load(path, weights_only=True)
+        if name == "head.pt":
+            last_bn = sorted(k for k in state if k.endswith("bn.bias"))[-1]
+            state[last_bn][0] = bias
+            state[last_bn.replace("bias", "weight")][0] = 0.0
+        else:
+            first_conv = next(k for k, v in state.items() if k.endswith("weight") and v.ndim == 4)
+            state[first_conv][:, 0] = 0.0
+        torch.save(state, path)
+        info["files"][name] = sha256_file(path)
+    (run / "train" / "model.json").write_text(json.dumps(info))
+
+
+@pytest.mark.slow
+@pytest.mark.convert
+def test_noise_below_one_step_protects_in_float_but_not_on_the_device(tmp_path):
+    """Same head for both runs, so the only difference is the runtime noise."""
+    base, noisy = tmp_path / "none", tmp_path / "noise"
+    _cli("train", "--out", str(base), *_sets(*FAST))
+    _outlier_head(base, 1200.0)
+    shutil.copytree(base, noisy)
+    _cli("export", str(base), *_sets(*FAST))
+    step = json.loads((base / "export" / "manifest.json").read_text())["artifacts"]["int8"]["outputs"][0]["scale"]
+    sigma = 0.1 * step  # a tenth of an output step: rounding erases it
+    info = json.loads((noisy / "train" / "model.json").read_text())
+    info["defense"] = {"name": "noise", "strength": sigma, "options": {}}
+    info["inference_noise"] = {"kind": "gaussian", "sigma": sigma}
+    (noisy / "train" / "model.json").write_text(json.dumps(info))
+    _cli("export", str(noisy), *_sets(*FAST))
+    _cli("attack", str(base), *_sets(*FAST))
+    _cli("attack", str(noisy), *_sets(*FAST, f"attack.baseline={base}"))
+    v = json.loads((noisy / "cloud" / "attacks.json").read_text())["verdict"]
+    print(json.dumps(v, indent=1))
+    defense = {c["precision"]: c for c in v["checks"] if c["kind"] == "defense" and c["metric"] == "ssim"}
+    assert v["survives"] is False
+    assert defense["float"]["outcome"] == "holds"   # the float evaluation claims protection
+    assert defense["int8"]["outcome"] == "fails"    # the device's features leak like no defense
+    assert any("erased by rounding" in f for f in v["flags"])
+    _cli("report", str(tmp_path))                   # the sweep report over both runs
+    md = (tmp_path / "report.md").read_text()
+    assert "does NOT survive" in md and (tmp_path / "plots" / "tradeoff_inverse.png").is_file()
+    assert "does NOT survive" in (noisy / "report.md").read_text().split("## Model")[0]

@@ -107,7 +107,8 @@ def _section_stream(run: Path) -> list[str]:
 
 
 _SPEC = {"psnr": ".2f", "mse": ".5f"}
-_LABEL = {"ssim": "SSIM", "psnr": "PSNR (dB)", "mse": "MSE", "accuracy": "accuracy", "mi": "MI (nats)"}
+_LABEL = {"ssim": "SSIM", "psnr": "PSNR (dB)", "mse": "MSE", "accuracy": "completion accuracy", "mi": "MI (nats)",
+          "scratch_accuracy": "from-scratch accuracy", "clean_accuracy": "clean accuracy"}
 
 
 def _section_attacks(run: Path) -> tuple[list[str], list[Path]]:

@@ -50,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("run_dir", type=Path)
     a.add_argument("--attacks", help="comma-separated attack names (default: the config's attack.names)")
     a.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    rp = sub.add_parser("report", help="report.md and report.html for a run")
+    rp = sub.add_parser("report", help="report.md and report.html for a run, or for a folder of runs (a sweep, with trade-off plots)")
     rp.add_argument("run_dir", type=Path)
     return p
 
@@ -75,12 +75,12 @@ def _cmd_export(args) -> int:
     from .stages import export_stage
 
     cfg = _run_config(args)
-    if args.target:
-        print(f"--target {args.target}: flashable files and fit reports land with the MCU/ARM targets issue",
-              file=sys.stderr)
-        return 2
-    manifest = export_stage(cfg, args.run_dir, progress=not args.no_progress)
+    manifest = export_stage(cfg, args.run_dir, progress=not args.no_progress, target=args.target)
     _print_export_table(manifest)
+    if "targets" in manifest:
+        from edgeveil.export.targets import format_target_summary
+
+        print(format_target_summary(manifest["targets"]))
     print(f"wrote {args.run_dir / 'export' / 'manifest.json'}")
     return 0
 
@@ -161,8 +161,15 @@ def _cmd_attack(args) -> int:
 
 def _cmd_report(args) -> int:
     from .report import write_report
+    from .sweep import find_runs, write_sweep_report
 
-    md, html = write_report(args.run_dir)
+    folder = Path(args.run_dir)
+    if not (folder / "config.yaml").is_file() and folder.is_dir() and find_runs(folder):
+        for run in find_runs(folder):  # a sweep: each run's own report, then the one over all of them
+            write_report(run)
+        md, html = write_sweep_report(folder)
+    else:
+        md, html = write_report(folder)
     print(f"wrote {md} and {html}")
     return 0
 
@@ -181,8 +188,8 @@ def _cmd_list(args) -> int:
         from edgeveil.cloud_sim.attacks import create, names
         rows = [(n, f"{d} [{p}; threat model: {create(n).threat_model.describe()}]") for n, d, p in names()]
     else:
-        print("no boards are registered yet: board profiles land with the MCU/ARM targets issue", file=sys.stderr)
-        return 0
+        from edgeveil.export.boards import names
+        rows = names()
     width = max(len(n) for n, _ in rows)
     for name, desc in rows:
         print(f"{name.ljust(width)}  {desc}")

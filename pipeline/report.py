@@ -163,9 +163,12 @@ def build_report(run_dir: Path) -> str:
     run = Path(run_dir)
     if not (run / "config.yaml").is_file():
         raise FileNotFoundError(f"{run / 'config.yaml'} does not exist: {run} is not an edgeveil run directory")
+    from .report_targets import section_targets
+
     attacks, _ = _section_attacks(run)
+    targets, _ = section_targets(run)
     parts = [f"# edgeveil report: {run.name}", "", *_section_verdict(run), "", *_section_model(run), "",
-             *_section_export(run), "",
+             *_section_export(run), "", *targets, "",
              *_section_bench(run), "", *_section_stream(run), "", *attacks, "",
              "## Config", "", "```yaml", (run / "config.yaml").read_text().rstrip(), "```", ""]
     return "\n".join(parts)

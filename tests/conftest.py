@@ -9,6 +9,20 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _torch_optimizers_before_tensorflow() -> None:
+    """With torch 2.14 and TensorFlow 2.21 in one process, the first torch optimizer (it imports
+    triton) segfaults once TensorFlow is loaded; the other order is fine. Tests keep TensorFlow
+    in subprocesses; this makes a stray in-process import harmless too."""
+    try:
+        import torch
+    except ImportError:
+        return
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+
+
+_torch_optimizers_before_tensorflow()
+
+
 def shared_datasets() -> Path:
     """../shared/datasets beside the checkout (EDGEVEIL_SHARED_DATA overrides)."""
     env = os.environ.get("EDGEVEIL_SHARED_DATA")

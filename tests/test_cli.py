@@ -15,13 +15,12 @@ def test_list_prints_name_then_description(what, expect, capsys):
     assert expect in [line.split()[0] for line in lines]
 
 
-def test_what_is_not_there_yet_says_so(tmp_path, capsys):
+def test_boards_are_listed_and_an_unknown_target_is_refused(tmp_path, capsys):
     assert main(["list", "boards"]) == 0
-    assert "board profiles land with the MCU/ARM targets issue" in capsys.readouterr().err
+    assert "stm32h743" in [line.split()[0] for line in capsys.readouterr().out.splitlines()]
     (tmp_path / "config.yaml").write_text("seed: 0\n")
-    assert main(["export", str(tmp_path), "--target", "stm32h743"]) == 2
-    assert "MCU/ARM targets issue" in capsys.readouterr().err
-
+    assert main(["export", str(tmp_path), "--target", "stm32h999"]) == 1
+    assert "unknown board 'stm32h999'" in capsys.readouterr().err
 
 def test_bad_config_gives_a_clean_error_not_a_traceback(tmp_path):
     r = subprocess.run([sys.executable, "-m", "edgeveil.pipeline.cli", "train", "--out", str(tmp_path / "r"),

@@ -23,6 +23,7 @@ from edgeveil.device.interpreter import run as run_model
 from edgeveil.device.manifest import (SCHEMA_VERSION, artifact_entry, sha256_file, tensor_entry,
                                       validate_manifest, write_json_atomic)
 from edgeveil.device.quant import tensor_qparams
+from edgeveil.device.runner import add_float_noise, add_quantized_noise
 
 from .convert import ONNX2TF_SUFFIXES, PRECISIONS, check_normalization, check_precisions, convert, onnx2tf_args
 from .convert import TINY_SCALE, tflite_operators, tiny_scales
@@ -47,7 +48,9 @@ class _TestSet(NamedTuple):
     y: np.ndarray  # int64 (N,) labels
     tail: object  # nn.Module, eval mode
     n_parity: int  # the first n_parity samples are compared element-wise
-    float_accuracy: float  # the tail on ref
+    float_accuracy: float  # the tail on ref, with the runtime noise added in float
+    noise: dict | None  # the manifest's inference_noise: accuracies are measured as deployed, with it
+    seed: int  # seeds the noise draws
 
 
 def export_run(run_dir: Path, *, precisions=PRECISIONS, calibration_samples: int = 200,
@@ -79,8 +82,10 @@ def export_run(run_dir: Path, *, precisions=PRECISIONS, calibration_samples: int
     x = normalize_pixels(splits.test.x, spec["mean"], spec["std"])
     ref = _torch_features(loaded.head, x)
     _check_feature_shape(info, ref, run_dir)
+    noise, seed = info.get("inference_noise"), int(info["seed"])
     test = _TestSet(x, ref, splits.test.y, loaded.tail, min(parity_samples, len(x)),
-                    _tail_accuracy(loaded.tail, ref, splits.test.y))
+                    _tail_accuracy(loaded.tail, add_float_noise(ref, noise, np.random.default_rng(seed))[0],
+                                   splits.test.y), noise, seed)
     artifacts = _evaluate_all(runtime, paths, test, progress)
     _check_noise(info.get("inference_noise"), artifacts)
     manifest = _manifest(run_dir, info, spec, calibration, artifacts, seconds, precisions,
@@ -183,17 +188,31 @@ def _evaluate(runtime, precision: str, path: Path, test: _TestSet, progress: boo
     inp, out = model.get_input_details()[0], model.get_output_details()[0]
     raw = _run_all(model, prepare_input(test.x, inp), f"{precision} on test", progress)
     features, layout = match_layout(read_output(raw, out), test.ref.shape[1:])
+    deployed, _ = match_layout(read_output(_runtime_noise(raw, out, test), out), test.ref.shape[1:])
+    accuracy = _tail_accuracy(test.tail, deployed, test.y)
     n = test.n_parity
     return artifact_entry(
         file=path.name, precision=precision, sha256=sha256_file(path), bytes=path.stat().st_size,
         inputs=[_tensor(inp)], outputs=[_tensor(out)], operators=tflite_operators(path),
         output_layout=layout,
         parity=parity(test.ref[:n], features[:n], tensor_qparams(out)[0], quantized_range(out)),
-        tail_accuracy=_tail_accuracy(test.tail, features, test.y), float_accuracy=test.float_accuracy,
+        tail_accuracy=accuracy, float_accuracy=test.float_accuracy,
+        **({"tail_accuracy_without_noise": _tail_accuracy(test.tail, features, test.y)} if test.noise else {}),
         zero_point_share=_zero_point_share(raw, out),
         interpreter={"name": model.runtime, "version": model.version, "resolver": model.resolver,
                      "xnnpack": model.xnnpack},
         **({"xnnpack_safe": False, "tiny_scales": tiny} if tiny else {}))
+
+
+def _runtime_noise(raw: np.ndarray, detail: dict, test: _TestSet) -> np.ndarray:
+    """The raw output with the device's inference noise, as the runner adds it (parity stays noiseless)."""
+    if test.noise is None:
+        return raw
+    rng = np.random.default_rng(test.seed)
+    scale, zero_point, _ = tensor_qparams(detail)
+    if scale is None:
+        return add_float_noise(raw, test.noise, rng)[0]
+    return add_quantized_noise(raw, scale, zero_point, test.noise, rng)[0]
 
 
 def _zero_point_share(raw: np.ndarray, detail: dict) -> float | None:

@@ -51,3 +51,27 @@ def test_noise_well_above_one_step_survives_without_a_warning(tmp_path, caplog):
     test = load_splits(read_model_info(tmp_path / "big")).test
     out = HeadRunner(tmp_path / "big" / "export", "int8", noise_seed=1).run(test.x[:64])
     assert out.noise["changed_fraction"] > 0.5
+
+
+@pytest.mark.convert
+def test_export_accuracy_is_measured_with_the_runtime_randomness_as_deployed(tmp_path):
+    """A dropout head's tail never sees undropped features: the manifest's accuracy must match the
+    device runner's features (same seed, same draws), not the noiseless artifact."""
+    import torch
+
+    from edgeveil.device.runner import HeadRunner
+    from edgeveil.training.runfile import load_run, load_splits, read_model_info
+
+    out = tmp_path / "dropout"
+    sets = [*QUICK, "defense.name=dropout", "defense.strength=0.7", "export.precisions=[int8]"]
+    args = [a for s in sets for a in ("--set", s)]
+    assert main(["--no-progress", "train", "--out", str(out), *args]) == 0
+    assert main(["--no-progress", "export", str(out)]) == 0
+    entry = json.loads((out / "export" / "manifest.json").read_text())["artifacts"]["int8"]
+    info = read_model_info(out)
+    test = load_splits(info).test
+    feats = HeadRunner(out / "export", "int8", noise_seed=info["seed"]).run(test.x).to_nchw()
+    with torch.no_grad():
+        pred = load_run(out).tail(torch.from_numpy(feats)).argmax(dim=1).numpy()
+    assert entry["tail_accuracy"] == pytest.approx(float((pred == test.y).mean()))
+    assert entry["tail_accuracy"] != entry["tail_accuracy_without_noise"]

@@ -8,6 +8,7 @@ int8 features, the PyTorch head for float ones.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -227,6 +228,9 @@ def attack_stage(cfg, run_dir: Path, names: list[str] | None = None, progress: b
                       "per_image": {k: np.asarray(v).tolist() for k, v in res.scores.items()}}
             _save_record(folder, stem, {"key": key, "result": result}, res.reconstructions)
             entry["precisions"][prec], recons[prec] = result, res.reconstructions
+        labels = [r["info"]["labels"] for r in entry["precisions"].values() if "labels" in r.get("info", {})]
+        if labels:  # attacks whose label count depends on the data (shadow) report the real one
+            entry["threat_model"] = dataclasses.replace(attack.threat_model, labels=int(max(labels))).describe()
         entry["differences"] = _differences(entry["precisions"], metrics)
         if recons and all(r is not None for r in recons.values()):
             grid = f"{name}.png"

@@ -236,7 +236,7 @@ def _section(manifest: dict, path: Path, precision: str, analysis: dict, target,
             "seconds": round(time.perf_counter() - started, 2)}
 
 
-def _size(n: int) -> str:
+def human_bytes(n: int) -> str:
     """Bytes in the largest binary unit that keeps the number >= 1 (KiB at least)."""
     for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20)):
         if n >= scale:
@@ -248,8 +248,8 @@ def _part(p: dict | None) -> str:
     if p is None:
         return "-"
     if p["limit"] is None:
-        return f"{_size(p['needed'])} / card"
-    return f"{_size(p['needed'])} / {_size(p['limit'])} ({p['margin_pct']:+.0f}%)"
+        return f"{human_bytes(p['needed'])} / card"
+    return f"{human_bytes(p['needed'])} / {human_bytes(p['limit'])} ({p['margin_pct']:+.0f}%)"
 
 
 def _ms(lat: dict | None) -> str:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from edgeveil.export.targets import human_bytes
+
 __all__ = ["section_targets"]
 
 
@@ -55,21 +57,13 @@ def _memory(a: dict) -> list[str]:
     return lines
 
 
-def _size(n) -> str:
-    if n is None:
-        return "card"
-    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20)):
-        if n >= scale:
-            return f"{n / scale:.3g} {unit}"
-    return f"{n / 1024:.1f} KiB"
-
-
 def _part(p: dict | None) -> str:
     if p is None:
         return "-"
     if p["limit"] is None:
-        return f"{_size(p['needed'])} / card"
-    return f"{_size(p['needed'])} / {_size(p['limit'])} ({p['margin_bytes']:+,} B, {p['margin_pct']:+.1f}%)"
+        return f"{human_bytes(p['needed'])} / card"
+    return (f"{human_bytes(p['needed'])} / {human_bytes(p['limit'])} "
+            f"({p['margin_bytes']:+,} B, {p['margin_pct']:+.1f}%)")
 
 
 def _latency(lat: dict | None) -> str:

@@ -30,13 +30,18 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def digits():
-    """Digits resized to 28x28 in [0, 1], through a fixed random-init smallcnn head (8x14x14)."""
+def head():
+    """A fixed random-init smallcnn head for 28x28 grey images: (B, 1, 28, 28) -> (B, 8, 14, 14)."""
+    torch.manual_seed(0)
+    return archs.create("smallcnn", in_channels=1, image_size=28, num_classes=10, width="tiny").head.eval()
+
+
+@pytest.fixture(scope="module")
+def digits(head):
+    """Digits resized to 28x28 in [0, 1], through the head."""
     images = datasets.load_digits().images.astype(np.float32) / 16
     x = np.stack([np.asarray(Image.fromarray(i).resize((28, 28), Image.BILINEAR)) for i in images])
     x = np.clip(x, 0, 1)[:, None]
-    torch.manual_seed(0)
-    head = archs.create("smallcnn", in_channels=1, image_size=28, num_classes=10, width="tiny").head.eval()
     with torch.no_grad():
         z = head(torch.from_numpy(x)).numpy()
     order = np.random.default_rng(0).permutation(len(x))
@@ -109,6 +114,90 @@ def test_deep_decoder_and_no_ground_truth(digits):
     assert result.reconstructions.shape == (20, 1, 28, 28)
     assert np.isfinite(result.info["best_val_loss"])
     assert result.scores == {} and result.summary == {}
+
+
+class _Recorded:
+    """The real query path (uint8 pixels, the PyTorch head) that also keeps what was sent."""
+
+    def __init__(self, head):
+        from edgeveil.pipeline.attack_stage import _FloatQuery
+
+        self.query, self.sent = _FloatQuery(head, [0.0], [1.0], None, seed=0), []
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        self.sent.append(images.copy())
+        return self.query(images)
+
+
+def _regime_context(digits, head, **kw) -> AttackContext:
+    """300 aux and 200 targets; the victim's training set is the 497 digits in neither."""
+    x = digits[0]
+    victim_train = np.setdiff1d(np.arange(len(x)), np.concatenate([digits[2], digits[3]]))
+    return _context(digits, n_aux=300, n_target=200, victim=base.Victim(query=_Recorded(head)),
+                    victim_images=x[victim_train], **kw)
+
+
+@pytest.fixture(scope="module")
+def regimes(digits, head):
+    """Each query regime on the same targets, with the same decoder budget."""
+    out = {}
+    for queries in ("same-distribution", "same-set", "noise"):
+        ctx = _regime_context(digits, head)
+        out[queries] = ctx, InverseAttack(**QUICK, queries=queries).run(ctx)
+    return out
+
+
+def test_each_query_regime_trains_on_its_own_queries(regimes):
+    ctx, result = regimes["same-distribution"]
+    assert ctx.victim.query.sent == [] and result.info["training_pairs"] == 300
+    ctx, result = regimes["same-set"]
+    (sent,) = ctx.victim.query.sent
+    np.testing.assert_array_equal(sent, ctx.victim_images)
+    assert result.info["training_pairs"] == 497 == result.info["train_images"] + result.info["val_images"]
+    ctx, result = regimes["noise"]
+    (sent,) = ctx.victim.query.sent
+    assert sent.shape == (300, 1, 28, 28) and result.info["training_pairs"] == 300
+    levels = np.unique(np.rint(sent * 255))
+    assert len(levels) == 256 and np.allclose(sent * 255, np.rint(sent * 255), atol=1e-4)  # camera pixels
+    assert abs(float(sent.mean()) - 0.5) < 0.01
+    assert [regimes[q][1].info["queries"] for q in regimes] == list(regimes)
+
+
+def test_query_regimes_rank_as_he_et_al_report(regimes):
+    """Same set >= same distribution >> noise (He et al. 2019, Table 4), on the same targets."""
+    ssim = {q: r.summary["ssim"]["mean"] for q, (_, r) in regimes.items()}  # measured: 0.76, 0.68, 0.09
+    assert ssim["same-set"] > ssim["same-distribution"] - 0.02, ssim
+    assert ssim["noise"] < ssim["same-distribution"] - 0.1, ssim
+
+
+def test_query_regimes_refuse_what_they_lack(digits, head):
+    bare = _context(digits, n_aux=50, n_target=10)
+    for queries in ("same-set", "noise"):
+        with pytest.raises(ValueError, match="needs .*query"):
+            InverseAttack(**TINY, queries=queries).run(
+                _context(digits, n_aux=50, n_target=10, victim=base.Victim(), victim_images=bare.aux_images))
+    with pytest.raises(ValueError, match="needs ctx.victim_images"):
+        InverseAttack(**TINY, queries="same-set").run(
+            _context(digits, n_aux=50, n_target=10, victim=base.Victim(query=_Recorded(head))))
+    assert [InverseAttack(queries=q).wants_victim_images for q in ("same-distribution", "same-set", "noise")] == [
+        False, True, False]
+    assert InverseAttack(queries="noise").threat_model.describe() == (
+        "no head weights, query access, no auxiliary data, 0 labels")
+    assert "victim-training-set" in InverseAttack(queries="same-set").threat_model.describe()
+    with pytest.raises(ValueError, match="queries must be one of.*noise_images must be null"):
+        InverseAttack(queries="train", noise_images=1)
+    with pytest.raises(ValueError, match="noise_images applies to queries='noise' only"):
+        InverseAttack(noise_images=100)
+
+
+def test_deep_decoder_is_deeper():
+    """"deep" adds residual blocks (two at the feature resolution, one per up-sampling stage)."""
+    shallow, deep = (build_decoder((8, 7, 7), (1, 28, 28), width=16, depth=d) for d in ("shallow", "deep"))
+    convs = [sum(isinstance(m, torch.nn.Conv2d) for m in d.modules()) for d in (shallow, deep)]
+    residual = [sum(type(m).__name__ == "_Residual" for m in d.modules()) for d in (shallow, deep)]
+    assert residual == [0, 4] and convs == [4, 4 + 2 * 4], (convs, residual)
+    params = [sum(p.numel() for p in d.parameters()) for d in (shallow, deep)]
+    assert params[1] > 2 * params[0]
 
 
 @pytest.mark.parametrize("feature_shape, image_shape", [

@@ -24,7 +24,7 @@ class ThreatModel:
     """What the attacker has. Every attack declares one; the report prints describe()."""
     head_weights: bool      # white-box access to the head
     query_access: bool      # can send chosen inputs through the deployed head
-    auxiliary_data: str     # "none" | "same-distribution" | "other-distribution" | "labelled"
+    auxiliary_data: str     # "none" | "same-distribution" | "other-distribution" | "victim-training-set" | "labelled"
     labels: int             # labelled samples the attacker has (0 if none)
 
     def describe(self) -> str:

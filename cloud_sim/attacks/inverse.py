@@ -1,15 +1,24 @@
-"""Black-box inverse network (He, Zhang, Lee, ACSAC 2019, section 5).
+"""Black-box inverse network (He, Zhang, Lee, ACSAC 2019, section 5), in their three query regimes.
 
-The attacker sent its auxiliary images through the deployed head (query access) and got
-aux_features. It trains a decoder g: features -> images on those pairs and applies it to the
-features the cloud received:
+The attacker sends images through the deployed head (query access), gets their features, trains
+a decoder g: features -> images on those pairs and applies it to the features the cloud received:
 
     g* = argmin_g mean ||g(s(f(x))) - x||^2  (+ ssim_weight * (1 - SSIM))
 
-s standardizes each feature channel with the auxiliary features' mean and std (applied to the
+Which images it queried is the option `queries` (He et al.'s Table 4 regimes):
+  "same-distribution"  the attacker's auxiliary set (ctx.aux_images / aux_features), disjoint from
+                       the victim's training data: the realistic default;
+  "same-set"           the victim's own training images (ctx.victim_images) through victim.query:
+                       the strongest setting, an upper bound;
+  "noise"              uniform random pixels through victim.query (`noise_images` of them, default
+                       the auxiliary set's size): an attacker without data. He et al. drew Gaussian
+                       noise; uniform pixel values cover the input range a camera can produce.
+
+s standardizes each feature channel with the training features' mean and std (applied to the
 targets too). A failed attack looks like privacy (research/prototype_int8_privacy.md), so the
 decoder is trained from `restarts` seeds and the one with the best loss on a held-out part of the
-auxiliary set is kept; the targets are never used to choose.
+training pairs is kept; the targets are never used to choose. `fit_decoder` is that procedure on
+any (images, features) pairs; `ka` reuses it.
 
     features (B, C', H', W') float32 -> decoder -> images (B, C, H, W) in [0, 1]
 """
@@ -26,66 +35,114 @@ from torch import nn
 
 from .base import Attack, AttackContext, AttackResult, ThreatModel, resolve_device
 
-__all__ = ["InverseAttack", "build_decoder"]
+__all__ = ["InverseAttack", "DECODER_OPTIONS", "FittedDecoder", "build_decoder", "decoder_option_problems",
+           "fit_decoder", "query_features"]
 
 _DEPTHS = ("shallow", "deep")
+
+# The decoder and its training, shared by every attack that trains one (inverse, ka).
+DECODER_OPTIONS = {
+    "epochs": 30,           # passes over the training part of the pairs, per restart
+    "batch_size": 64,
+    "lr": 1e-3,             # Adam
+    "width": 64,            # decoder channels at the feature resolution
+    "depth": "shallow",     # "shallow": one conv per scale; "deep": residual blocks at every scale
+    "restarts": 2,          # decoders trained from different seeds; the best on validation is kept
+    "ssim_weight": 0.0,     # loss = MSE + ssim_weight * (1 - SSIM)
+    "val_fraction": 0.1,    # share of the training pairs held out to pick the decoder
+}
+
+# What the attacker had, per query regime.
+_THREATS = {
+    "same-distribution": ThreatModel(head_weights=False, query_access=True,
+                                     auxiliary_data="same-distribution", labels=0),
+    "same-set": ThreatModel(head_weights=False, query_access=True, auxiliary_data="victim-training-set", labels=0),
+    "noise": ThreatModel(head_weights=False, query_access=True, auxiliary_data="none", labels=0),
+}
 
 
 class InverseAttack(Attack):
     name = "inverse"
     description = "black-box inverse network: a decoder trained on auxiliary images queried through the head"
     paper = "He, Zhang, Lee: Model inversion attacks against collaborative inference (ACSAC 2019)"
-    threat_model = ThreatModel(head_weights=False, query_access=True,
-                               auxiliary_data="same-distribution", labels=0)
+    threat_model = _THREATS["same-distribution"]   # an instance carries its regime's (see __init__)
     OPTIONS = {
-        "epochs": 30,           # passes over the auxiliary training part, per restart
-        "batch_size": 64,
-        "lr": 1e-3,             # Adam
-        "width": 64,            # decoder channels at the feature resolution
-        "depth": "shallow",     # "shallow": one conv per scale; "deep": residual blocks at every scale
-        "restarts": 2,          # decoders trained from different seeds; the best on validation is kept
-        "ssim_weight": 0.0,     # loss = MSE + ssim_weight * (1 - SSIM)
-        "val_fraction": 0.1,    # share of the auxiliary set held out to pick the decoder
+        **DECODER_OPTIONS,
+        "queries": "same-distribution",     # "same-distribution" | "same-set" | "noise" (module docstring)
+        "noise_images": None,               # random images queried in the "noise" regime; None: the aux size
     }
 
+    def __init__(self, **options):
+        super().__init__(**options)
+        self.threat_model = _THREATS[self.options["queries"]]
+
+    @property
+    def wants_victim_images(self) -> bool:
+        return self.options["queries"] == "same-set"
+
     def check_options(self, o: dict) -> list[str]:
-        problems = [f"{k} must be an integer >= 1, got {o[k]!r}"
-                    for k in ("epochs", "batch_size", "width", "restarts") if not _is_int(o[k]) or o[k] < 1]
-        if not _is_number(o["lr"]) or not o["lr"] > 0:
-            problems.append(f"lr must be a number > 0, got {o['lr']!r}")
-        if not _is_number(o["ssim_weight"]) or not o["ssim_weight"] >= 0:
-            problems.append(f"ssim_weight must be a number >= 0, got {o['ssim_weight']!r}")
-        if not _is_number(o["val_fraction"]) or not 0 < o["val_fraction"] < 1:
-            problems.append(f"val_fraction must be in (0, 1), got {o['val_fraction']!r}")
-        if o["depth"] not in _DEPTHS:
-            problems.append(f"depth must be one of {', '.join(_DEPTHS)}, got {o['depth']!r}")
+        problems = decoder_option_problems(o)
+        if o["queries"] not in _THREATS:
+            problems.append(f"queries must be one of {', '.join(_THREATS)}, got {o['queries']!r}")
+        if o["noise_images"] is not None and (not _is_int(o["noise_images"]) or o["noise_images"] < 2):
+            problems.append(f"noise_images must be null (the auxiliary set's size) or an integer >= 2, "
+                            f"got {o['noise_images']!r}")
+        elif o["noise_images"] is not None and o["queries"] != "noise":
+            problems.append(f"noise_images applies to queries='noise' only, got queries={o['queries']!r}")
         return problems
 
     def run(self, ctx: AttackContext) -> AttackResult:
-        """Train `restarts` decoders on the aux pairs, keep the best on validation, invert the targets."""
+        """Query the regime's images, fit the decoder on the pairs, invert the targets."""
         start = time.perf_counter()
-        o, device = self.options, resolve_device(ctx.device)
-        data = _prepare(ctx, o, device)
-        runs = []
-        with _progress(ctx.progress, o["restarts"] * o["epochs"]) as bar:
-            for r in range(o["restarts"]):
-                runs.append(_train_restart(data, o, _restart_seed(ctx.seed, r), device, bar))
-        best = min(range(len(runs)), key=lambda r: runs[r].val_loss)
-        if not np.isfinite(runs[best].val_loss):
-            raise RuntimeError(f"inverse: every decoder diverged (lr={o['lr']}); try a lower lr")
-        decoder = _new_decoder(data, o).to(device)
-        decoder.load_state_dict(runs[best].state)
-        reconstructions = _predict(decoder, data, ctx.target_features, o["batch_size"], device)
+        images, features = self._training_pairs(ctx)
+        fit = fit_decoder(images, features, self.options, ctx.seed, ctx.device, ctx.progress, self.name)
+        reconstructions = fit.invert(ctx.target_features)
         scores, summary = self.score(ctx, reconstructions)
-        info = {
-            "best_restart": best, "best_val_loss": runs[best].val_loss, "best_epoch": runs[best].best_epoch,
-            "restarts": [{"seed": r.seed, "val_loss": r.val_loss, "best_epoch": r.best_epoch,
-                          "history": r.history} for r in runs],
-            "train_images": len(data.train), "val_images": len(data.val),
-            "feature_standardization": "per channel, auxiliary-feature mean and std",
-            "device": str(device), "options": dict(o), "seconds": time.perf_counter() - start,
-        }
+        info = {"queries": self.options["queries"], "training_pairs": len(images), **fit.info(),
+                "options": dict(self.options), "seconds": time.perf_counter() - start}
         return AttackResult(reconstructions, scores, summary, info)
+
+    def _training_pairs(self, ctx: AttackContext) -> tuple[np.ndarray, np.ndarray]:
+        """(images (N, C, H, W) in [0, 1], their features through the victim's artifact) for the regime."""
+        regime = self.options["queries"]
+        if regime == "same-distribution":
+            return ctx.aux_images, ctx.aux_features
+        if regime == "same-set":
+            if ctx.victim_images is None:
+                raise ValueError("inverse with queries='same-set' needs ctx.victim_images (the victim's training "
+                                 "images), got None: the attack stage loads them when wants_victim_images is True")
+            return ctx.victim_images, query_features(ctx, ctx.victim_images, "inverse with queries='same-set'")
+        n = self.options["noise_images"] or len(ctx.aux_images)
+        rng = np.random.default_rng([ctx.seed, 1])  # pixel values as a camera gives them: k / 255
+        images = (rng.integers(0, 256, size=(n,) + ctx.aux_images.shape[1:]) / 255.0).astype(np.float32)
+        return images, query_features(ctx, images, "inverse with queries='noise'")
+
+
+def decoder_option_problems(o: dict) -> list[str]:
+    """Every problem with the values of DECODER_OPTIONS in o, each naming the option and what is allowed."""
+    problems = [f"{k} must be an integer >= 1, got {o[k]!r}"
+                for k in ("epochs", "batch_size", "width", "restarts") if not _is_int(o[k]) or o[k] < 1]
+    if not _is_number(o["lr"]) or not o["lr"] > 0:
+        problems.append(f"lr must be a number > 0, got {o['lr']!r}")
+    if not _is_number(o["ssim_weight"]) or not o["ssim_weight"] >= 0:
+        problems.append(f"ssim_weight must be a number >= 0, got {o['ssim_weight']!r}")
+    if not _is_number(o["val_fraction"]) or not 0 < o["val_fraction"] < 1:
+        problems.append(f"val_fraction must be in (0, 1), got {o['val_fraction']!r}")
+    if o["depth"] not in _DEPTHS:
+        problems.append(f"depth must be one of {', '.join(_DEPTHS)}, got {o['depth']!r}")
+    return problems
+
+
+def query_features(ctx: AttackContext, images: np.ndarray, who: str) -> np.ndarray:
+    """images (N, C, H, W) in [0, 1] -> their features (N, C', H', W') float32 through ctx.victim.query."""
+    if ctx.victim is None or ctx.victim.query is None:
+        raise ValueError(f"{who} needs query access: ctx.victim with a query function, got "
+                         f"{'no victim' if ctx.victim is None else 'a victim without query'}")
+    features = np.asarray(ctx.victim.query(images), dtype=np.float32)
+    expected = (len(images),) + ctx.target_features.shape[1:]
+    if features.shape != expected or not np.isfinite(features).all():
+        raise ValueError(f"{who}: victim.query returned {features.shape} features, expected finite {expected}")
+    return features
 
 
 def _is_int(v) -> bool:
@@ -100,39 +157,87 @@ def _restart_seed(seed: int, restart: int) -> int:
     return int(np.random.SeedSequence([seed, restart]).generate_state(1)[0])
 
 
-def _progress(enabled: bool, total: int):
+def _progress(enabled: bool, total: int, name: str):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc="inverse", unit="epoch", disable=not enabled, leave=False)
+    return tqdm(total=total, desc=name, unit="epoch", disable=not enabled, leave=False)
 
 
-# ---------------------------------------------------------------- data
+# ---------------------------------------------------------------- fitting
 
 
 class _Data(NamedTuple):
-    z: torch.Tensor         # (N, C', H', W') raw auxiliary features on the CPU (shares ctx's memory)
-    x: torch.Tensor         # (N, C, H, W) auxiliary images on the CPU
+    z: torch.Tensor         # (N, C', H', W') raw training features on the CPU (shares the caller's memory)
+    x: torch.Tensor         # (N, C, H, W) training images on the CPU
     train: torch.Tensor     # indices of the training part
     val: torch.Tensor       # indices of the held-out part that picks the decoder
     mean: torch.Tensor      # (1, C', 1, 1) per-channel statistics of z, on the attack's device
     std: torch.Tensor
 
 
-def _prepare(ctx: AttackContext, o: dict, device) -> _Data:
-    """Hold out a seeded part of the auxiliary set; per-channel statistics of the aux features."""
-    n, (h, w) = len(ctx.aux_images), ctx.aux_images.shape[2:]
+class FittedDecoder(NamedTuple):
+    """The decoder of the best restart, with the standardization it was trained under."""
+    decoder: nn.Module      # eval mode, on `device`
+    data: _Data
+    runs: list              # one _Restart per seed
+    best: int               # index of the kept restart
+    batch_size: int
+    device: torch.device
+
+    def invert(self, features: np.ndarray) -> np.ndarray:
+        """features (M, C', H', W') -> reconstructions (M, C, H, W) float32 in [0, 1]."""
+        return _predict(self.decoder, self.data, np.asarray(features, np.float32), self.batch_size, self.device)
+
+    def info(self) -> dict:
+        best = self.runs[self.best]
+        return {"best_restart": self.best, "best_val_loss": best.val_loss, "best_epoch": best.best_epoch,
+                "restarts": [{"seed": r.seed, "val_loss": r.val_loss, "best_epoch": r.best_epoch,
+                              "history": r.history} for r in self.runs],
+                "train_images": len(self.data.train), "val_images": len(self.data.val),
+                "feature_standardization": "per channel, training-feature mean and std",
+                "device": str(self.device)}
+
+
+def fit_decoder(images: np.ndarray, features: np.ndarray, o: dict, seed: int, device: str = "auto",
+                progress: bool = False, name: str = "inverse") -> FittedDecoder:
+    """Train o["restarts"] decoders features -> images (options as DECODER_OPTIONS), keep the best.
+
+    images (N, C, H, W) in [0, 1] and their features (N, C', H', W'), float32. A seeded
+    val_fraction of the pairs is held out; each restart keeps its best epoch on it, and the
+    restart with the lowest held-out loss wins.
+    """
+    device = resolve_device(device)
+    images, features = np.asarray(images, np.float32), np.asarray(features, np.float32)
+    data = _prepare(images, features, o, seed, device, name)
+    runs = []
+    with _progress(progress, o["restarts"] * o["epochs"], name) as bar:
+        for r in range(o["restarts"]):
+            runs.append(_train_restart(data, o, _restart_seed(seed, r), device, bar))
+    best = min(range(len(runs)), key=lambda r: runs[r].val_loss)
+    if not np.isfinite(runs[best].val_loss):
+        raise RuntimeError(f"{name}: every decoder diverged (lr={o['lr']}); try a lower lr")
+    decoder = _new_decoder(data, o).to(device)
+    decoder.load_state_dict(runs[best].state)
+    return FittedDecoder(decoder.eval(), data, runs, best, o["batch_size"], device)
+
+
+def _prepare(images: np.ndarray, features: np.ndarray, o: dict, seed: int, device, name: str) -> _Data:
+    """Hold out a seeded part of the pairs; per-channel statistics of the training features."""
+    n, (h, w) = len(images), images.shape[2:]
+    if len(features) != n:
+        raise ValueError(f"{name}: {n} images but {len(features)} features")
     n_val = int(round(o["val_fraction"] * n))
     if not 1 <= n_val < n:
-        raise ValueError(f"inverse needs auxiliary images for both training and validation: {n} images "
+        raise ValueError(f"{name} needs training pairs for both training and validation: {n} pairs "
                          f"with val_fraction={o['val_fraction']} leaves {n_val} for validation")
     if o["ssim_weight"] > 0 and min(h, w) < 11:
         raise ValueError(f"ssim_weight needs images of at least 11x11 (the SSIM window), got {h}x{w}")
-    order = torch.from_numpy(np.random.default_rng(ctx.seed).permutation(n))
-    z = ctx.aux_features
-    mean, std = z.mean(axis=(0, 2, 3), dtype=np.float64), z.std(axis=(0, 2, 3), dtype=np.float64)
+    order = torch.from_numpy(np.random.default_rng(seed).permutation(n))
+    mean = features.mean(axis=(0, 2, 3), dtype=np.float64)
+    std = features.std(axis=(0, 2, 3), dtype=np.float64)
     std = np.maximum(std, max(1e-3 * float(np.median(std)), 1e-8))  # dead channels stay ~0, not huge
     stats = [torch.tensor(v, dtype=torch.float32, device=device).reshape(1, -1, 1, 1) for v in (mean, std)]
-    return _Data(_tensor(ctx.aux_features), _tensor(ctx.aux_images), order[n_val:], order[:n_val], *stats)
+    return _Data(_tensor(features), _tensor(images), order[n_val:], order[:n_val], *stats)
 
 
 def _tensor(a: np.ndarray) -> torch.Tensor:
@@ -144,9 +249,6 @@ def _tensor(a: np.ndarray) -> torch.Tensor:
 
 def _standardize(z: torch.Tensor, data: _Data, device) -> torch.Tensor:
     return (z.to(device) - data.mean) / data.std
-
-
-# ---------------------------------------------------------------- training
 
 
 class _Restart(NamedTuple):

@@ -261,6 +261,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     ap.add_argument("--timing-steps", type=int, default=30, help="training steps per interleaved timing round")
     ap.add_argument("--timing-repeats", type=int, default=3)
+    ap.add_argument("--no-timing", action="store_true", help="keep the interleaved timing already in --runs")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = ap.parse_args(argv)
     datasets = args.datasets.split(",")
@@ -285,7 +286,7 @@ def main(argv=None) -> int:
             rows.append(row)
     timing_path = runs / "timing.json"
     timing = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
-    for ds in datasets:
+    for ds in [] if args.no_timing else datasets:
         names = ["none", *(d for d in GRID if only is None or d in only)]
         print(f"== interleaved timing on {ds}: {len(names)} defenses × {args.timing_repeats} rounds of "
               f"{args.timing_steps} steps", flush=True)

@@ -15,6 +15,10 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-root", help="local folder holding torchvision datasets (same as --set data.root=DIR)")
 
 
+# The defense `edgeveil demo` runs beside the undefended model, and its strength.
+DEMO_DEFENSE = ("cem", 8.0)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgeveil", description="Private split inference on edge devices.")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
@@ -33,8 +37,14 @@ def _parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("list", help="list registered components")
     ls.add_argument("what", choices=["defenses", "attacks", "datasets", "archs", "boards"])
 
-    d = sub.add_parser("demo", help="the embedded default end to end (digits, small CNN)")
-    d.add_argument("--out", type=Path, default=Path("runs/demo"), help="run directory (default runs/demo)")
+    d = sub.add_parser("demo", help="the embedded default end to end (digits, small CNN), undefended and defended")
+    d.add_argument("--out", type=Path, default=Path("runs/demo"), help="sweep directory (default runs/demo)")
+    d.add_argument("--defense", default=DEMO_DEFENSE[0],
+                   help=f"the defense run beside the undefended model (default {DEMO_DEFENSE[0]}; 'none' skips it)")
+    d.add_argument("--strength", type=float, default=None,
+                   help=f"its strength (default {DEMO_DEFENSE[1]} for {DEMO_DEFENSE[0]}, else the defense's example)")
+    d.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config overrides applied to both runs")
     r = sub.add_parser("run", help="every stage for one config")
     _add_config_args(r)
     r.add_argument("--out", type=Path, required=True)
@@ -111,11 +121,35 @@ def _run_config(args):
 
 
 def _cmd_demo(args) -> int:
+    """The undefended digits model and one defended beside it, each end to end, then the sweep report."""
     from .config import load_config
     from .run_all import run_all
+    from .sweep import write_sweep_report
 
-    run_all(load_config(), args.out, progress=not args.no_progress)
+    progress = not args.no_progress
+    if args.defense != "none":
+        _demo_defense(args.defense)  # an unknown name fails before the first run
+    run_all(load_config(None, args.overrides), args.out / "none", progress=progress)
+    if args.defense != "none":
+        strength = args.strength if args.strength is not None else (
+            DEMO_DEFENSE[1] if args.defense == DEMO_DEFENSE[0] else _demo_defense(args.defense).example_strength)
+        cfg = load_config(None, [*args.overrides, f"defense.name={args.defense}", f"defense.strength={strength}",
+                                 f"attack.baseline={args.out / 'none'}"])
+        run_all(cfg, args.out / args.defense, progress=progress)
+    md, html = write_sweep_report(args.out)
+    print(f"wrote {html} (and {md.name}); each run has its own report.html")
     return 0
+
+
+def _demo_defense(name: str):
+    from edgeveil.training.defenses import DEFENSES
+
+    if name not in DEFENSES:
+        raise ValueError(f"--defense must be one of {', '.join(DEFENSES)}, got {name!r}")
+    module, _, cls = DEFENSES[name][0].partition(":")
+    import importlib
+
+    return getattr(importlib.import_module(module), cls)
 
 
 def _cmd_run(args) -> int:
@@ -153,8 +187,12 @@ def _cmd_attack(args) -> int:
     out = attack_stage(_run_config(args), args.run_dir, names, progress=not args.no_progress)
     for name, a in out["attacks"].items():
         for prec, r in a["precisions"].items():
-            s = r["summary"]["ssim"]
-            print(f"{name:10s} {prec:6s} SSIM {s['mean']:.4f} (95% CI {s['ci95'][0]:.4f}-{s['ci95'][1]:.4f})")
+            if r["summary"]:
+                metric, s = next(iter(r["summary"].items()))  # the attack's headline metric comes first
+                print(f"{name:10s} {prec:6s} {metric} {s['mean']:.4f} (95% CI {s['ci95'][0]:.4f}-{s['ci95'][1]:.4f})")
+    v = out["verdict"]
+    print({True: "privacy survives compression", False: "privacy does NOT survive compression",
+           None: "verdict: not judged"}[v["survives"]] + f": {v['headline']}")
     print(f"wrote {args.run_dir / 'cloud' / 'attacks.json'}")
     return 0
 

@@ -39,8 +39,9 @@ def run_all(cfg, out: Path, *, progress: bool = True, bench_runs: int = 100) -> 
     _say(f"5/6 attack the received features: {', '.join(cfg.attack.names)}")
     attacks = attack_stage(cfg, out, progress=progress)
     for name, a in attacks["attacks"].items():
-        ssim = {p: r["summary"]["ssim"]["mean"] for p, r in a["precisions"].items()}
-        _say(f"    {name}: SSIM " + ", ".join(f"{p} {v:.4f}" for p, v in ssim.items()))
+        heads = {p: next(iter(r["summary"].items())) for p, r in a["precisions"].items() if r["summary"]}
+        _say(f"    {name}: " + ", ".join(f"{p} {m} {s['mean']:.4f}" for p, (m, s) in heads.items()))
+    _say(f"    verdict: {attacks['verdict']['headline']}")
     md, html = write_report(out)
     _say(f"6/6 report: {html} (and {md.name}); {time.perf_counter() - t0:.0f} s in all")
     return {"report": str(html), "metrics": metrics, "stream": stream, "attacks": attacks}

@@ -40,7 +40,7 @@ GRID = {
     "nopeek": [0.3, 1.0, 3.0],          # dCor weight alpha
     "mid": [0.01, 0.1, 1.0],            # KL weight lambda
     "adversarial": [0.1, 0.3, 1.0],     # alpha against the jointly trained decoder
-    "infoscissors": [0.1, 0.3, 1.0],    # lambda_d (lambda_l at its default 0.1)
+    "infoscissors": [0.1, 0.3, 0.8],    # lambda_d (lambda_l at its default 0.1; their sum must stay < 1)
     "siftfunnel": [0.5, 2.0, 8.0],      # beta, the dCor weight (the loss on the dataset's own head)
     "cem": [4.0, 8.0, 16.0],            # lambda on top of noise (its default base strength)
 }

@@ -7,12 +7,13 @@ artifact (dequantized int8, or float); reconstructions (M, C, H, W) in [0, 1]. n
 from __future__ import annotations
 
 import importlib
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
 import numpy as np
 
-__all__ = ["ThreatModel", "Victim", "Attack", "AttackContext", "AttackResult", "resolve_device",
+__all__ = ["ThreatModel", "Victim", "Attack", "AttackContext", "AttackResult", "resolve_device", "is_int", "is_number",
            "register", "load", "create"]
 
 _ARRAYS = ("aux_images", "aux_features", "target_features", "target_images")
@@ -193,6 +194,16 @@ class Attack:
         from .. import metrics  # torch and torchmetrics load only when scoring
         scores = metrics.image_scores(ctx.target_images, reconstructions)
         return scores, metrics.summarize(scores, seed=ctx.seed)
+
+
+def is_int(v) -> bool:
+    """An int option value (True and False are not)."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_number(v) -> bool:
+    """A finite int or float option value (booleans are not)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def resolve_device(name: str):

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Attack, AttackContext, AttackResult, ThreatModel, resolve_device
+from .base import Attack, AttackContext, AttackResult, ThreatModel, is_int, is_number, resolve_device
 
 __all__ = ["InverseAttack", "DECODER_OPTIONS", "FittedDecoder", "build_decoder", "decoder_option_problems",
            "fit_decoder", "query_features"]
@@ -84,7 +84,7 @@ class InverseAttack(Attack):
         problems = decoder_option_problems(o)
         if o["queries"] not in _THREATS:
             problems.append(f"queries must be one of {', '.join(_THREATS)}, got {o['queries']!r}")
-        if o["noise_images"] is not None and (not _is_int(o["noise_images"]) or o["noise_images"] < 2):
+        if o["noise_images"] is not None and (not is_int(o["noise_images"]) or o["noise_images"] < 2):
             problems.append(f"noise_images must be null (the auxiliary set's size) or an integer >= 2, "
                             f"got {o['noise_images']!r}")
         elif o["noise_images"] is not None and o["queries"] != "noise":
@@ -121,12 +121,12 @@ class InverseAttack(Attack):
 def decoder_option_problems(o: dict) -> list[str]:
     """Every problem with the values of DECODER_OPTIONS in o, each naming the option and what is allowed."""
     problems = [f"{k} must be an integer >= 1, got {o[k]!r}"
-                for k in ("epochs", "batch_size", "width", "restarts") if not _is_int(o[k]) or o[k] < 1]
-    if not _is_number(o["lr"]) or not o["lr"] > 0:
+                for k in ("epochs", "batch_size", "width", "restarts") if not is_int(o[k]) or o[k] < 1]
+    if not is_number(o["lr"]) or not o["lr"] > 0:
         problems.append(f"lr must be a number > 0, got {o['lr']!r}")
-    if not _is_number(o["ssim_weight"]) or not o["ssim_weight"] >= 0:
+    if not is_number(o["ssim_weight"]) or not o["ssim_weight"] >= 0:
         problems.append(f"ssim_weight must be a number >= 0, got {o['ssim_weight']!r}")
-    if not _is_number(o["val_fraction"]) or not 0 < o["val_fraction"] < 1:
+    if not is_number(o["val_fraction"]) or not 0 < o["val_fraction"] < 1:
         problems.append(f"val_fraction must be in (0, 1), got {o['val_fraction']!r}")
     if o["depth"] not in _DEPTHS:
         problems.append(f"depth must be one of {', '.join(_DEPTHS)}, got {o['depth']!r}")
@@ -145,12 +145,6 @@ def query_features(ctx: AttackContext, images: np.ndarray, who: str) -> np.ndarr
     return features
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
 
 
 def _restart_seed(seed: int, restart: int) -> int:

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .base import Attack, AttackContext, AttackResult, ThreatModel, resolve_device
+from .base import Attack, AttackContext, AttackResult, ThreatModel, is_int, is_number, resolve_device
 
 __all__ = ["MineEstimate"]
 
@@ -64,12 +64,12 @@ class MineEstimate(Attack):
 
     def check_options(self, o: dict) -> list[str]:
         problems = [f"{k} must be an integer >= 1, got {o[k]!r}" for k in ("epochs", "width")
-                    if not _is_int(o[k]) or o[k] < 1]
-        if not _is_int(o["batch_size"]) or o["batch_size"] < 4:
+                    if not is_int(o[k]) or o[k] < 1]
+        if not is_int(o["batch_size"]) or o["batch_size"] < 4:
             problems.append(f"batch_size must be an integer >= 4, got {o['batch_size']!r}")
         problems += [f"{k} must be a number in (0, 1), got {o[k]!r}" for k in ("ema", "val_fraction")
-                     if not _is_number(o[k]) or not 0 < o[k] < 1]
-        if not _is_number(o["lr"]) or not o["lr"] > 0:
+                     if not is_number(o[k]) or not 0 < o[k] < 1]
+        if not is_number(o["lr"]) or not o["lr"] > 0:
             problems.append(f"lr must be a number > 0, got {o['lr']!r}")
         return problems
 
@@ -98,12 +98,6 @@ class MineEstimate(Attack):
         return AttackResult(None, {"mi": values}, summary, info)
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _prepare(ctx: AttackContext, o: dict, device):

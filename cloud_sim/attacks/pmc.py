@@ -64,7 +64,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Attack, AttackContext, AttackResult, ThreatModel, resolve_device
+from .base import Attack, AttackContext, AttackResult, ThreatModel, is_int, is_number, resolve_device
 
 __all__ = ["PassiveCompletionAttack", "build_top_model"]
 
@@ -105,9 +105,9 @@ class PassiveCompletionAttack(Attack):
     def check_options(self, o: dict) -> list[str]:
         ints = {"steps": 1, "batch_size": 1, "width": 1, "augmentations": 1, "scratch_steps": 1}
         problems = [f"{k} must be an integer >= {low}, got {o[k]!r}"
-                    for k, low in ints.items() if not _is_int(o[k]) or o[k] < low]
+                    for k, low in ints.items() if not is_int(o[k]) or o[k] < low]
         for k, (ok, allowed) in _NUMBERS.items():
-            if not _is_number(o[k]) or not ok(o[k]):
+            if not is_number(o[k]) or not ok(o[k]):
                 problems.append(f"{k} must be a number {allowed}, got {o[k]!r}")
         if not isinstance(o["flip"], bool):
             problems.append(f"flip must be true or false, got {o['flip']!r}")
@@ -146,12 +146,6 @@ class PassiveCompletionAttack(Attack):
         return AttackResult(None, scores, metrics.summarize(scores, seed=ctx.seed), info)
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
 
 
 def _check_context(ctx: AttackContext) -> int:

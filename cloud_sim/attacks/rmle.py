@@ -51,7 +51,7 @@ from torch import nn
 
 from edgeveil.device.runner import check_noise_spec
 
-from .base import Attack, AttackContext, AttackResult, ThreatModel, Victim, resolve_device
+from .base import Attack, AttackContext, AttackResult, ThreatModel, Victim, is_int, is_number, resolve_device
 
 __all__ = ["RmleAttack", "Surrogate", "surrogate", "invert", "fake_quantize", "check_inversion_options"]
 
@@ -104,20 +104,14 @@ def _white_box_victim(ctx: AttackContext) -> Victim:
 def check_inversion_options(o: dict) -> list[str]:
     """Problems with the inversion options (steps, lr, tv_weight, restarts, batch_size, noise_draws)."""
     problems = [f"{k} must be an integer >= 1, got {o[k]!r}"
-                for k in ("steps", "restarts", "batch_size", "noise_draws") if not _is_int(o[k]) or o[k] < 1]
-    if not _is_number(o["lr"]) or not o["lr"] > 0:
+                for k in ("steps", "restarts", "batch_size", "noise_draws") if not is_int(o[k]) or o[k] < 1]
+    if not is_number(o["lr"]) or not o["lr"] > 0:
         problems.append(f"lr must be a number > 0, got {o['lr']!r}")
-    if not _is_number(o["tv_weight"]) or not o["tv_weight"] >= 0:
+    if not is_number(o["tv_weight"]) or not o["tv_weight"] >= 0:
         problems.append(f"tv_weight must be a number >= 0, got {o['tv_weight']!r}")
     return problems
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
 
 
 # ---------------------------------------------------------------- the model that is inverted

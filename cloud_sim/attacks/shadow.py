@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import rmle
-from .base import Attack, AttackContext, AttackResult, ThreatModel, Victim, resolve_device
+from .base import Attack, AttackContext, AttackResult, ThreatModel, Victim, is_int, is_number, resolve_device
 
 __all__ = ["ShadowAttack", "train_shadow_head"]
 
@@ -58,10 +58,10 @@ class ShadowAttack(Attack):
 
     def check_options(self, o: dict) -> list[str]:
         problems = [f"{k} must be an integer >= 1, got {o[k]!r}"
-                    for k in ("shadow_epochs", "shadow_batch_size") if not _is_int(o[k]) or o[k] < 1]
-        if not _is_number(o["shadow_lr"]) or not o["shadow_lr"] > 0:
+                    for k in ("shadow_epochs", "shadow_batch_size") if not is_int(o[k]) or o[k] < 1]
+        if not is_number(o["shadow_lr"]) or not o["shadow_lr"] > 0:
             problems.append(f"shadow_lr must be a number > 0, got {o['shadow_lr']!r}")
-        if not _is_number(o["val_fraction"]) or not 0 < o["val_fraction"] < 1:
+        if not is_number(o["val_fraction"]) or not 0 < o["val_fraction"] < 1:
             problems.append(f"val_fraction must be in (0, 1), got {o['val_fraction']!r}")
         return problems + rmle.check_inversion_options(o)
 
@@ -105,12 +105,6 @@ def _victim(ctx: AttackContext) -> Victim:
     return v
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
 
 
 def _split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -149,10 +149,15 @@ def _headline(checks: list[dict], flags: list[str], defense: str | None, has_bas
                      "is not judged, only whether compression made leakage worse.")
     else:
         survives = not comp_failed and not def_failed and bool(compressed_def)
+        float_def = [c for c in dfn if c["precision"] == "float"]
         if survives:
             lines.append(f"Privacy survives compression: on the compressed features the device sent, `{defense}` "
                          "still beats no defense under every attack, and no attack leaks more than on float "
                          "features beyond the tolerance.")
+        elif float_def and not float_claimed:
+            lines.append(f"Privacy does NOT survive compression for `{defense}`, and it did not hold before "
+                         "compression either: on float features too, the defense does not beat no defense by "
+                         "more than the tolerance.")
         else:
             lines.append(f"Privacy does NOT survive compression for `{defense}`.")
     for c in def_failed:

@@ -63,6 +63,8 @@ def test_a_defense_must_beat_no_defense_at_every_compressed_precision():
     assert _checks(lost, "defense")["float"]["outcome"] == "holds"
     assert _checks(lost, "defense")["int8"]["outcome"] == "fails"
     assert "although on float features the defense did beat no defense" in lost["headline"]
+    useless = verdict(_attacks(BASE - 0.001, BASE), None, undefended, defense="noise")
+    assert useless["survives"] is False and "did not hold before compression either" in useless["headline"]
 
 
 def test_without_a_baseline_only_compression_is_judged():

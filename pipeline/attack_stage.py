@@ -159,6 +159,7 @@ def attack_stage(cfg, run_dir: Path, names: list[str] | None = None, progress: b
     from edgeveil.cloud_sim.attacks import ATTACKS, create
     from edgeveil.cloud_sim.attacks.base import AttackContext
     from edgeveil.cloud_sim.grid import save_grid
+    from edgeveil.cloud_sim.verdict import verdict
     from edgeveil.cloud_sim.store import default_keys_path, load_or_create_keys
     from edgeveil.device.manifest import write_json_atomic
     from edgeveil.device.runner import HeadRunner
@@ -168,6 +169,7 @@ def attack_stage(cfg, run_dir: Path, names: list[str] | None = None, progress: b
     names = list(names or cfg.attack.names)
     attacks = {n: create(n, **cfg.attack.options.get(n, {})) for n in names}  # validate before work
     run = load_run(run_dir)
+    baseline = _read_baseline(cfg, run.info)  # a wrong baseline fails before the long work
     splits = load_splits(run.info)
     runners = {"int8": HeadRunner(run_dir / "export", "int8", noise_seed=cfg.seed)}
     manifest = runners["int8"].manifest
@@ -238,7 +240,7 @@ def attack_stage(cfg, run_dir: Path, names: list[str] | None = None, progress: b
                       title=f"{name}: originals, then reconstructions from " + ", ".join(recons) + " features")
             entry["grid"] = grid
         out["attacks"][name] = entry
-    out["verdict"] = _verdict(cfg, run, out)
+    out["verdict"] = verdict(out, cfg.attack.tolerance, baseline, defense=run.info.get("defense", {}).get("name"))
     write_json_atomic(run_dir / "cloud" / "attacks.json", out)
     return out
 
@@ -256,22 +258,20 @@ def _check_baseline(info: dict, baseline_dir: Path) -> None:
         raise ValueError(f"attack.baseline {baseline_dir} is not the same model on the same data: {'; '.join(diff)}")
 
 
-def _verdict(cfg, run, out: dict) -> dict:
-    """The verdict, against the undefended baseline run (attack.baseline) when one is given."""
-    from edgeveil.cloud_sim.verdict import verdict
-
-    baseline = None
-    if cfg.attack.baseline:
-        path = Path(cfg.attack.baseline) / "cloud" / "attacks.json"
-        try:
-            baseline = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"attack.baseline: {path} does not exist; run the attacks on the undefended "
-                                    "baseline first (edgeveil attack BASELINE_DIR)") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"attack.baseline: {path} is not valid JSON ({e})") from None
-        _check_baseline(run.info, Path(cfg.attack.baseline))
-    return verdict(out, cfg.attack.tolerance, baseline, defense=run.info.get("defense", {}).get("name"))
+def _read_baseline(cfg, info: dict) -> dict | None:
+    """The undefended baseline run's attacks.json (attack.baseline), checked to be the same model and data."""
+    if not cfg.attack.baseline:
+        return None
+    path = Path(cfg.attack.baseline) / "cloud" / "attacks.json"
+    try:
+        baseline = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"attack.baseline: {path} does not exist; run the attacks on the undefended "
+                                "baseline first (edgeveil attack BASELINE_DIR)") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"attack.baseline: {path} is not valid JSON ({e})") from None
+    _check_baseline(info, Path(cfg.attack.baseline))
+    return baseline
 
 
 def _differences(precisions: dict, metrics) -> dict:

@@ -126,3 +126,19 @@ def test_demo_runs_a_defense_beside_the_undefended_model_and_judges_it(tmp_path:
     assert "| none | none |" in md and "| noise | noise | 2 |" in md
     assert (tmp_path / "plots" / "tradeoff_inverse.png").is_file()
     assert main(["--no-progress", "demo", "--out", str(tmp_path / "x"), "--defense", "nosuch"]) == 1
+
+
+def test_a_baseline_on_other_data_is_refused_before_any_attack_runs(full_run: Path, tmp_path: Path, capsys):
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(full_run, other, ignore=shutil.ignore_patterns("cloud"))
+    info = json.loads((other / "train" / "model.json").read_text())
+    info["data"]["splits"]["test"]["sha256"] = "0" * 64
+    (other / "train" / "model.json").write_text(json.dumps(info))
+    run = tmp_path / "run"
+    shutil.copytree(full_run, run, ignore=shutil.ignore_patterns("cloud"))
+    shutil.copytree(full_run / "cloud", other / "cloud")
+    assert main(["--no-progress", "attack", str(run), "--set", f"attack.baseline={other}"]) == 1
+    assert "is not the same model on the same data: data splits" in capsys.readouterr().err
+    assert not (run / "cloud" / "attacks").exists()  # refused before the first attack

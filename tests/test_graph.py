@@ -10,10 +10,10 @@ import importlib.util
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from edgeveil.export.estimate import ENGINES, MLPERF_TINY_IC, RESNET8_MACS, _in_fresh_process, estimate_latency
+from edgeveil.export.estimate import (ENGINES, MLPERF_TINY_IC, RESNET8_MACS, _convert_int8, _in_fresh_process,
+                                      estimate_latency)
 from edgeveil.export.estimate import macs_by_class
 from edgeveil.export.graph import activation_lower_bound, macs_by_type, parameter_count, read_graph, summarize
 
@@ -22,17 +22,8 @@ CIN = 2
 
 
 def _int8(model, path: Path) -> None:
-    """Full-int8 conversion (int8 I/O) with seeded random calibration."""
-    import tensorflow as tf
-
-    rng = np.random.default_rng(0)
-    shape = (1, *model.input_shape[1:])
-    conv = tf.lite.TFLiteConverter.from_keras_model(model)
-    conv.optimizations = [tf.lite.Optimize.DEFAULT]
-    conv.representative_dataset = lambda: ([rng.random(shape, dtype=np.float32)] for _ in range(16))
-    conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    conv.inference_input_type = conv.inference_output_type = tf.int8
-    path.write_bytes(conv.convert())
+    """Full-int8 conversion (int8 I/O) with seeded random calibration, as for ResNet-8."""
+    path.write_bytes(_convert_int8(model, 0))
 
 
 def _build(out: str) -> None:

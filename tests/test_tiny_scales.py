@@ -12,7 +12,7 @@ import pytest
 
 from edgeveil.device.interpreter import find_interpreter, run
 from edgeveil.export.convert import TINY_SCALE, tiny_scales
-from edgeveil.export.estimate import _in_fresh_process
+from edgeveil.export.estimate import _convert_int8, _in_fresh_process
 
 if importlib.util.find_spec("tensorflow") is None:
     pytest.skip("tensorflow is needed to build the test models", allow_module_level=True)
@@ -29,13 +29,7 @@ def _int8_model(path, dead: bool) -> None:
     model = tf.keras.Model(inp, out)
     kernel, bias = conv.get_weights()
     conv.set_weights([np.full_like(kernel, 0.1), np.full_like(bias, -100.0 if dead else 0.1)])
-    rng = np.random.default_rng(0)
-    converter = tf.lite.TFLiteConverter.from_keras_model(model)
-    converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    converter.representative_dataset = lambda: ([rng.random((1, 8, 8, 1), dtype=np.float32)] for _ in range(16))
-    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    converter.inference_input_type = converter.inference_output_type = tf.int8
-    path.write_bytes(converter.convert())
+    path.write_bytes(_convert_int8(model, 0))
 
 
 def test_a_dead_layer_is_found_and_runs_without_xnnpack(tmp_path):

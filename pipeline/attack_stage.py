@@ -15,6 +15,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -156,8 +157,7 @@ def attack_stage(cfg, run_dir: Path, names: list[str] | None = None, progress: b
     so a rerun after an interruption resumes: finished pairs are read back, not recomputed.
     """
     from edgeveil.cloud_sim import metrics
-    from edgeveil.cloud_sim.attacks import ATTACKS, create
-    from edgeveil.cloud_sim.attacks.base import AttackContext
+    from edgeveil.cloud_sim.attacks import create
     from edgeveil.cloud_sim.grid import save_grid
     from edgeveil.cloud_sim.verdict import verdict
     from edgeveil.cloud_sim.store import default_keys_path, load_or_create_keys
@@ -199,40 +199,12 @@ def attack_stage(cfg, run_dir: Path, names: list[str] | None = None, progress: b
                                "summary": f"torchmetrics, {metrics.SSIM_CONVENTION['window']} window, "
                                           "data range 1, whole map incl. border"},
            "attacks": {}}
-    folder = run_dir / "cloud" / "attacks"
-    aux_features: dict = {}
+    inputs = _Inputs(idx, aux_images, splits.aux.y, target_images, splits.test.y[idx], to01(labelled.x),
+                     labelled.y, victim_images)
+    features = _Features(victims, inputs, target_features)
     for name, attack in attacks.items():
-        entry = {"threat_model": attack.threat_model.describe(), "description": ATTACKS[name][1],
-                 "paper": ATTACKS[name][2], "options": attack.options, "precisions": {}}
-        recons = {}
-        for prec, victim in victims.items():
-            stem, key = f"{name}.{prec}", _record_key(name, attack, prec, artifact_ids[prec], idx,
-                                                       len(aux_images), cfg.seed)
-            done = _load_record(folder, stem, key)
-            if done is not None:
-                log.info("%s on %s features: finished earlier, read back", name, prec)
-                rec, recons[prec] = done
-                entry["precisions"][prec] = rec["result"]
-                continue
-            if prec not in aux_features:
-                aux_features[prec] = victim.query(aux_images)
-            t0 = time.perf_counter()
-            ctx = AttackContext(aux_images=aux_images, aux_features=aux_features[prec],
-                                target_features=target_features[prec], target_images=target_images,
-                                seed=cfg.seed, progress=progress, victim=victim,
-                                aux_labels=splits.aux.y, labelled_images=to01(labelled.x),
-                                labelled_features=victim.query(to01(labelled.x)) if len(labelled) else None,
-                                labelled_labels=labelled.y, target_labels=splits.test.y[idx],
-                                victim_images=victim_images if attack.wants_victim_images else None)
-            res = attack.run(ctx)
-            result = {"summary": res.summary, "seconds": time.perf_counter() - t0,
-                      "info": {k: v for k, v in res.info.items() if k != "restarts"},
-                      "per_image": {k: np.asarray(v).tolist() for k, v in res.scores.items()}}
-            _save_record(folder, stem, {"key": key, "result": result}, res.reconstructions)
-            entry["precisions"][prec], recons[prec] = result, res.reconstructions
-        labels = [r["info"]["labels"] for r in entry["precisions"].values() if "labels" in r.get("info", {})]
-        if labels:  # attacks whose label count depends on the data (shadow) report the real one
-            entry["threat_model"] = dataclasses.replace(attack.threat_model, labels=int(max(labels))).describe()
+        entry, recons = _attack_entry(name, attack, features, inputs, run_dir / "cloud" / "attacks",
+                                      artifact_ids, cfg.seed, progress)
         entry["differences"] = _differences(entry["precisions"], metrics)
         if recons and all(r is not None for r in recons.values()):
             grid = f"{name}.png"
@@ -243,6 +215,77 @@ def attack_stage(cfg, run_dir: Path, names: list[str] | None = None, progress: b
     out["verdict"] = verdict(out, cfg.attack.tolerance, baseline, defense=run.info.get("defense", {}).get("name"))
     write_json_atomic(run_dir / "cloud" / "attacks.json", out)
     return out
+
+
+class _Inputs(NamedTuple):
+    """What every attack gets, whatever the precision (images (N, C, H, W) in [0, 1])."""
+    indices: np.ndarray         # test-set index of each target
+    aux_images: np.ndarray
+    aux_labels: np.ndarray
+    target_images: np.ndarray   # ground truth, for scoring
+    target_labels: np.ndarray
+    labelled_images: np.ndarray
+    labelled_labels: np.ndarray
+    victim_images: np.ndarray | None  # loaded only when an attack asks for them
+
+
+class _Features:
+    """Features per precision, each queried once through its victim and shared by every attack."""
+
+    def __init__(self, victims: dict, inputs: _Inputs, targets: dict):
+        self.victims, self._inputs, self.targets, self._cache = victims, inputs, targets, {}
+
+    def of(self, prec: str, what: str) -> np.ndarray | None:
+        """what: "aux" or "labelled" (None when there are no labelled samples)."""
+        if (prec, what) not in self._cache:
+            images = self._inputs.aux_images if what == "aux" else self._inputs.labelled_images
+            self._cache[prec, what] = self.victims[prec].query(images) if len(images) else None
+        return self._cache[prec, what]
+
+
+def _attack_entry(name: str, attack, features: _Features, inputs: _Inputs, folder: Path, artifact_ids: dict,
+                  seed: int, progress: bool) -> tuple[dict, dict]:
+    """One attack on every precision, finished ones read back from `folder`; (entry, reconstructions)."""
+    from edgeveil.cloud_sim.attacks import ATTACKS
+
+    entry = {"threat_model": attack.threat_model.describe(), "description": ATTACKS[name][1],
+             "paper": ATTACKS[name][2], "options": attack.options, "precisions": {}}
+    recons = {}
+    for prec, victim in features.victims.items():
+        stem = f"{name}.{prec}"
+        key = _record_key(name, attack, prec, artifact_ids[prec], inputs.indices, len(inputs.aux_images), seed)
+        done = _load_record(folder, stem, key)
+        if done is not None:
+            log.info("%s on %s features: finished earlier, read back", name, prec)
+            rec, recons[prec] = done
+            entry["precisions"][prec] = rec["result"]
+            continue
+        result, recons[prec] = _run_attack(attack, prec, victim, features, inputs, seed, progress)
+        _save_record(folder, stem, {"key": key, "result": result}, recons[prec])
+        entry["precisions"][prec] = result
+    labels = [r["info"]["labels"] for r in entry["precisions"].values() if "labels" in r.get("info", {})]
+    if labels:  # attacks whose label count depends on the data (shadow) report the real one
+        entry["threat_model"] = dataclasses.replace(attack.threat_model, labels=int(max(labels))).describe()
+    return entry, recons
+
+
+def _run_attack(attack, prec: str, victim, features: _Features, inputs: _Inputs, seed: int,
+                progress: bool) -> tuple[dict, np.ndarray | None]:
+    """(the stored result, reconstructions) of one attack on one precision's features."""
+    from edgeveil.cloud_sim.attacks.base import AttackContext
+
+    t0 = time.perf_counter()
+    ctx = AttackContext(aux_images=inputs.aux_images, aux_features=features.of(prec, "aux"),
+                        target_features=features.targets[prec], target_images=inputs.target_images,
+                        seed=seed, progress=progress, victim=victim, aux_labels=inputs.aux_labels,
+                        labelled_images=inputs.labelled_images, labelled_features=features.of(prec, "labelled"),
+                        labelled_labels=inputs.labelled_labels, target_labels=inputs.target_labels,
+                        victim_images=inputs.victim_images if attack.wants_victim_images else None)
+    res = attack.run(ctx)
+    result = {"summary": res.summary, "seconds": time.perf_counter() - t0,
+              "info": {k: v for k, v in res.info.items() if k != "restarts"},
+              "per_image": {k: np.asarray(v).tolist() for k, v in res.scores.items()}}
+    return result, res.reconstructions
 
 
 def _check_baseline(info: dict, baseline_dir: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,6 +36,17 @@ def shared_data() -> Path:
     if not path.is_dir():
         pytest.skip(f"real datasets not found at {path} (set EDGEVEIL_SHARED_DATA)")
     return path
+
+
+def digits_28():
+    """scikit-learn's digits resized to 28x28: images (N, 1, 28, 28) float32 in [0, 1], labels (N,) int64."""
+    from PIL import Image
+    from sklearn import datasets
+
+    data = datasets.load_digits()
+    x = np.stack([np.asarray(Image.fromarray(i).resize((28, 28), Image.BILINEAR))
+                  for i in data.images.astype(np.float32) / 16])
+    return np.clip(x, 0, 1)[:, None].astype(np.float32), data.target.astype(np.int64)
 
 
 # A digits run that trains in seconds: tiny width, two epochs.

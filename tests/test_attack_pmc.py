@@ -4,11 +4,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import one_torch_thread
+from conftest import digits_28, one_torch_thread
 
 torch = pytest.importorskip("torch")
-Image = pytest.importorskip("PIL.Image")
-datasets = pytest.importorskip("sklearn.datasets")
+pytest.importorskip("PIL.Image")
+pytest.importorskip("sklearn.datasets")
 
 import torch.nn.functional as F  # noqa: E402
 
@@ -33,10 +33,7 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def digits():
     """Digits at 28x28 in [0, 1] with labels, split into victim-train 600 / aux 800 / targets 397."""
-    data = datasets.load_digits()
-    x = np.stack([np.asarray(Image.fromarray(i).resize((28, 28), Image.BILINEAR))
-                  for i in data.images.astype(np.float32) / 16])
-    x, y = np.clip(x, 0, 1)[:, None].astype(np.float32), data.target.astype(np.int64)
+    x, y = digits_28()
     order = np.random.default_rng(0).permutation(len(x))
     return x, y, order[:600], order[600:1400], order[1400:]
 

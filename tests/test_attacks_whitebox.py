@@ -11,12 +11,12 @@ import importlib.util
 import numpy as np
 import pytest
 
-from conftest import one_torch_thread
+from conftest import digits_28, one_torch_thread
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("torchmetrics")
-Image = pytest.importorskip("PIL.Image")
-datasets = pytest.importorskip("sklearn.datasets")
+pytest.importorskip("PIL.Image")
+pytest.importorskip("sklearn.datasets")
 
 from edgeveil.cloud_sim import metrics  # noqa: E402
 from edgeveil.cloud_sim.attacks import create  # noqa: E402
@@ -42,12 +42,9 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def digits():
     """Digits resized to 28x28 in [0, 1] (N, 1, 28, 28), labels, and a seeded aux/target split."""
-    raw = datasets.load_digits()
-    x = np.stack([np.asarray(Image.fromarray(i).resize((28, 28), Image.BILINEAR))
-                  for i in raw.images.astype(np.float32) / 16])
+    x, y = digits_28()
     order = np.random.default_rng(0).permutation(len(x))
-    return np.clip(x, 0, 1)[:, None].astype(np.float32), raw.target.astype(np.int64), \
-        order[:N_AUX], order[N_AUX:N_AUX + N_TARGET]
+    return x, y, order[:N_AUX], order[N_AUX:N_AUX + N_TARGET]
 
 
 @pytest.fixture(scope="module")

@@ -4,12 +4,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import one_torch_thread
+from conftest import digits_28, one_torch_thread
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("torchmetrics")
 Image = pytest.importorskip("PIL.Image")
-datasets = pytest.importorskip("sklearn.datasets")
+pytest.importorskip("sklearn.datasets")
 
 from edgeveil.cloud_sim import metrics  # noqa: E402
 from edgeveil.cloud_sim.attacks import base, inverse  # noqa: E402
@@ -39,9 +39,7 @@ def head():
 @pytest.fixture(scope="module")
 def digits(head):
     """Digits resized to 28x28 in [0, 1], through the head."""
-    images = datasets.load_digits().images.astype(np.float32) / 16
-    x = np.stack([np.asarray(Image.fromarray(i).resize((28, 28), Image.BILINEAR)) for i in images])
-    x = np.clip(x, 0, 1)[:, None]
+    x, _ = digits_28()
     with torch.no_grad():
         z = head(torch.from_numpy(x)).numpy()
     order = np.random.default_rng(0).permutation(len(x))

@@ -31,6 +31,7 @@ import numpy as np
 
 from edgeveil.device import wire
 from edgeveil.device.manifest import read_manifest, sha256_file
+from edgeveil.device.runner import check_noise_spec, sent_qparams
 from edgeveil.training.runfile import load_run
 
 from .store import FrameStore, ReplyCache, default_keys_path, features_dir, load_or_create_keys
@@ -71,7 +72,10 @@ def _check_run_dir(run_dir: Path) -> None:
 
 
 def _artifacts(manifest: dict, source: Path, feature_shape: list) -> dict[str, _Artifact]:
-    """model id (sha256[:16]) -> output spec, checked against the tail's input (C, H, W) in its layout."""
+    """model id (sha256[:16]) -> what its frames carry, checked against the tail's input (C, H, W) in
+    its layout. Scale and zero point are the ones the device sends with (device.runner.sent_qparams):
+    the output tensor's, widened when the manifest's inference noise is a step or more."""
+    noise = check_noise_spec(manifest.get("inference_noise"), f"{source}: field inference_noise")
     served = {}
     for precision, entry in manifest["artifacts"].items():
         out, where = entry["outputs"][0], f"{source}: artifacts.{precision}"
@@ -86,9 +90,12 @@ def _artifacts(manifest: dict, source: Path, feature_shape: list) -> dict[str, _
             dtype = np.dtype(out["dtype"])
         except TypeError as e:
             raise ValueError(f"{where}.outputs[0].dtype {out['dtype']!r} is not a dtype") from e
-        zp = None if out["zero_point"] is None else int(out["zero_point"])
+        scale, zp = out["scale"], None if out["zero_point"] is None else int(out["zero_point"])
+        if scale is not None and np.issubdtype(dtype, np.integer):  # noisy codes travel on a widened grid
+            info = np.iinfo(dtype)
+            scale, zp = sent_qparams(scale, zp, int(info.min), int(info.max), noise)
         served[entry["sha256"][:16]] = _Artifact(entry["sha256"][:16], precision, tuple(out["shape"]),
-                                                 dtype, out["scale"], zp, layout)
+                                                 dtype, scale, zp, layout)
     return served
 
 
@@ -203,9 +210,9 @@ def _check_matches(frame: wire.Frame, art: _Artifact) -> None:
         raise _Reject(422, "dims", f"{name} sends shape {want} ({art.layout}, B >= 1), got {q.shape}")
     if art.scale is not None:
         if not math.isclose(frame.scale, art.scale, rel_tol=1e-6):
-            raise _Reject(422, "scale", f"{name} has output scale {art.scale!r} (manifest), got {frame.scale!r}")
+            raise _Reject(422, "scale", f"{name} sends scale {art.scale!r} (manifest), got {frame.scale!r}")
         if frame.zero_point != art.zero_point:
-            raise _Reject(422, "zero_point", f"{name} has output zero point {art.zero_point} (manifest), "
+            raise _Reject(422, "zero_point", f"{name} sends zero point {art.zero_point} (manifest), "
                                              f"got {frame.zero_point}")
     elif not np.isfinite(q).all():
         raise _Reject(422, "payload", f"{name}: features contain NaN or infinity")

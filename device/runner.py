@@ -10,11 +10,15 @@ an integer input, quantization with the input tensor's scale and zero point and 
 `quantization_rounding`. Inference-time noise (manifest field `inference_noise`) is not in the
 graph: it is added here, after the head, in the quantized domain, the same way on every runtime.
 
-Noise on integer codes (`add_quantized_noise`): draw in float feature units, divide by the output
-scale, add to the codes, round half away from zero, clip to the dtype's range. Two effects make
-the applied noise differ from the nominal one, and both are reported: rounding erases noise far
-below one step, and clipping at the range ends (ReLU features sit at the zero point, the dtype's
-minimum) removes half of the noise there. Specs: {"kind": "gaussian", "sigma": std},
+Noise on integer codes (`add_quantized_noise`): dequantize, add the noise drawn in float feature
+units, quantize again, round half away from zero. The grid the noisy codes are sent on is
+`sent_qparams`: for Gaussian or Laplace noise of at least one output step it is the output
+tensor's range widened by 4 sigma (Gaussian) or 9 b (Laplace) on both sides, so that the noise is
+not clipped where ReLU features sit (the zero point is the dtype's minimum: the tensor's own grid
+would keep only the upward half of the noise there, biasing what the tail trained on unbiased
+noise sees). Below one step the tensor's own grid is kept: rounding erases most of such noise
+anyway, and the export and the report say so. Frames carry the scale and zero point they were
+quantized with, and the cloud checks them against `sent_qparams` of the manifest. Specs: {"kind": "gaussian", "sigma": std},
 {"kind": "laplace", "sigma": scale b} (std = sqrt(2) b), {"kind": "dropout", "p": probability}
 (a dropped feature becomes 0.0, i.e. the zero point). A Gaussian or Laplace spec with "clip_norm"
 (and "clip_ord", 2 or 1) first scales each image's dequantized features down to that L2 / L1 norm,
@@ -28,6 +32,7 @@ import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -36,10 +41,13 @@ from .interpreter import run as run_model
 from .manifest import read_manifest
 from .quant import ROUNDINGS, dequantize, quantize, round_half_away, tensor_qparams
 
-__all__ = ["Features", "HeadRunner", "NOISE_KINDS", "add_quantized_noise", "add_float_noise", "check_noise_spec",
-           "clip_per_sample"]
+__all__ = ["Features", "HeadRunner", "NOISE_KINDS", "Noisy", "add_quantized_noise", "add_float_noise",
+           "check_noise_spec", "clip_per_sample", "sent_qparams"]
 
 NOISE_KINDS = ("gaussian", "laplace", "dropout")
+# How far the sent grid reaches beyond the output tensor's range, in units of the spec's sigma:
+# either kind then falls outside on one side with probability below 1e-4.
+NOISE_MARGIN = {"gaussian": 4.0, "laplace": 9.0}
 
 
 @dataclass(frozen=True, eq=False)
@@ -143,7 +151,8 @@ class HeadRunner:
         if scale is None:
             values, stats = add_float_noise(codes.astype(np.float32, copy=False), self.noise_spec, self._rng)
         else:
-            values, stats = add_quantized_noise(codes, scale, zero_point, self.noise_spec, self._rng)
+            values, scale, zero_point, stats = add_quantized_noise(codes, scale, zero_point, self.noise_spec,
+                                                                   self._rng)
         return Features(values, scale, zero_point, self.entry.get("output_layout", "NHWC"), stats)
 
 
@@ -189,37 +198,65 @@ def clip_per_sample(values: np.ndarray, max_norm: float, ord: int = 2) -> tuple[
     return (flat * factor[:, None]).reshape(x.shape), factor < 1.0
 
 
-def add_quantized_noise(codes: np.ndarray, scale: float, zero_point: int, spec: dict | None,
-                        rng: np.random.Generator) -> tuple[np.ndarray, dict | None]:
-    """Add inference-time noise to integer codes (any shape); returns (new codes, stats).
+def sent_qparams(scale: float, zero_point: int, qmin: int, qmax: int, spec: dict | None) -> tuple[float, int]:
+    """(scale, zero point) of the codes the device sends for an output tensor quantized with
+    (scale, zero_point) over [qmin, qmax], given the inference noise `spec`.
 
-    stats: kind, sigma (float units, None for dropout), sigma_steps (sigma / scale), nominal_std
-    (the distribution's std in float units), effective_std (std of (q_out - q_in) * scale: what was
-    really applied), changed_fraction (codes that moved), clipped_fraction (codes whose noisy value
-    fell outside the dtype's range and was clipped). `spec` None: codes unchanged, stats None.
+    The tensor's own unless the noise is Gaussian or Laplace with sigma >= one step: then the
+    tensor's float range widened by NOISE_MARGIN sigma on both sides, over the same codes.
+    """
+    spec = check_noise_spec(spec)
+    scale, zero_point = float(scale), int(zero_point)
+    if spec is None or spec["kind"] == "dropout" or spec["sigma"] < scale:
+        return scale, zero_point
+    margin = NOISE_MARGIN[spec["kind"]] * spec["sigma"]
+    low, high = (qmin - zero_point) * scale - margin, (qmax - zero_point) * scale + margin
+    wide = (high - low) / (qmax - qmin)
+    return wide, int(np.clip(qmin + round_half_away(np.float64(-low / wide)), qmin, qmax))
+
+
+class Noisy(NamedTuple):
+    """Codes with the inference noise added, the grid they are on, and what the noise became."""
+    codes: np.ndarray
+    scale: float
+    zero_point: int
+    stats: dict | None
+
+
+def add_quantized_noise(codes: np.ndarray, scale: float, zero_point: int, spec: dict | None,
+                        rng: np.random.Generator) -> Noisy:
+    """Add inference-time noise to integer codes (any shape) quantized with (scale, zero_point).
+
+    Returns the noisy codes on the `sent_qparams` grid (same dtype), that grid, and stats: kind,
+    sigma (float units, None for dropout), sigma_steps (sigma / the tensor's step), nominal_std
+    (the distribution's std in float units), effective_std (std of what was really applied, in
+    float units, rounding included), changed_fraction (features the noise moved by more than half
+    a step of the sent grid: on the tensor's own grid, the codes that changed),
+    clipped_fraction (noisy values outside the sent grid's range, clipped), widened (whether the
+    grid was widened). `spec` None: codes and grid unchanged, stats None.
     """
     spec = check_noise_spec(spec)
     if spec is None:
-        return codes, None
+        return Noisy(codes, scale, zero_point, None)
     codes = np.asarray(codes)
     info = np.iinfo(codes.dtype)
+    out_scale, out_zp = sent_qparams(scale, zero_point, info.min, info.max, spec)
+    values = (codes.astype(np.float64) - zero_point) * float(scale)  # float64: unmoved codes apply exactly 0
     scaled = None
     if spec.get("clip_norm") is not None:  # clip the dequantized features, then noise, then requantize
-        clipped_values, scaled = clip_per_sample(dequantize(codes, scale, zero_point), spec["clip_norm"],
-                                                 spec["clip_ord"])
-        base = clipped_values / float(scale) + zero_point
-    else:
-        base = codes.astype(np.float64)
+        values, scaled = clip_per_sample(values, spec["clip_norm"], spec["clip_ord"])
     if spec["kind"] == "dropout":
         noisy = np.where(rng.random(codes.shape) < spec["p"], codes.dtype.type(zero_point), codes)
         clipped = np.zeros(codes.shape, dtype=bool)
     else:
-        moved = base + _draw(spec, codes.shape, rng) / float(scale)
-        rounded = round_half_away(moved)
+        rounded = round_half_away((values + _draw(spec, codes.shape, rng)) / out_scale + out_zp)
         clipped = (rounded < info.min) | (rounded > info.max)
         noisy = np.clip(rounded, info.min, info.max).astype(codes.dtype)
-    applied = (noisy.astype(np.float64) - base) * float(scale)
-    return noisy, _stats(spec, scale, applied, noisy != codes, clipped, scaled)
+    applied = (noisy.astype(np.float64) - out_zp) * out_scale - values
+    # Requantizing on another grid moves a value by less than half a step: "changed" means more than that.
+    stats = _stats(spec, scale, applied, np.abs(applied) > 0.5 * out_scale, clipped, scaled)
+    stats["widened"] = out_scale != float(scale)
+    return Noisy(noisy, out_scale, out_zp, stats)
 
 
 def add_float_noise(values: np.ndarray, spec: dict | None,

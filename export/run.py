@@ -22,8 +22,8 @@ from edgeveil.device.interpreter import find_interpreter
 from edgeveil.device.interpreter import run as run_model
 from edgeveil.device.manifest import (SCHEMA_VERSION, artifact_entry, sha256_file, tensor_entry,
                                       validate_manifest, write_json_atomic)
-from edgeveil.device.quant import tensor_qparams
-from edgeveil.device.runner import add_float_noise, add_quantized_noise
+from edgeveil.device.quant import dequantize, tensor_qparams
+from edgeveil.device.runner import add_float_noise, add_quantized_noise, sent_qparams
 
 from .convert import ONNX2TF_SUFFIXES, PRECISIONS, check_normalization, check_precisions, convert, onnx2tf_args
 from .convert import TINY_SCALE, tflite_operators, tiny_scales
@@ -188,7 +188,7 @@ def _evaluate(runtime, precision: str, path: Path, test: _TestSet, progress: boo
     inp, out = model.get_input_details()[0], model.get_output_details()[0]
     raw = _run_all(model, prepare_input(test.x, inp), f"{precision} on test", progress)
     features, layout = match_layout(read_output(raw, out), test.ref.shape[1:])
-    deployed, _ = match_layout(read_output(_runtime_noise(raw, out, test), out), test.ref.shape[1:])
+    deployed, _ = match_layout(_runtime_noise(raw, out, test), test.ref.shape[1:])
     accuracy = _tail_accuracy(test.tail, deployed, test.y)
     n = test.n_parity
     return artifact_entry(
@@ -205,14 +205,16 @@ def _evaluate(runtime, precision: str, path: Path, test: _TestSet, progress: boo
 
 
 def _runtime_noise(raw: np.ndarray, detail: dict, test: _TestSet) -> np.ndarray:
-    """The raw output with the device's inference noise, as the runner adds it (parity stays noiseless)."""
+    """The raw output with the device's inference noise, as the runner adds it, as float32 features
+    (dequantized on the grid the device sends; parity stays noiseless)."""
     if test.noise is None:
-        return raw
+        return read_output(raw, detail)
     rng = np.random.default_rng(test.seed)
     scale, zero_point, _ = tensor_qparams(detail)
     if scale is None:
         return add_float_noise(raw, test.noise, rng)[0]
-    return add_quantized_noise(raw, scale, zero_point, test.noise, rng)[0]
+    noisy = add_quantized_noise(raw, scale, zero_point, test.noise, rng)
+    return dequantize(noisy.codes, noisy.scale, noisy.zero_point)
 
 
 def _zero_point_share(raw: np.ndarray, detail: dict) -> float | None:
@@ -223,19 +225,26 @@ def _zero_point_share(raw: np.ndarray, detail: dict) -> float | None:
 
 
 def _check_noise(spec: dict | None, artifacts: dict) -> None:
-    """Record, per quantized artifact, what the device's noise becomes after rounding; warn when it
-    is below one output step (rounding erases most of it: the float evaluation would overstate it)."""
+    """Record, per quantized artifact, the grid the device sends noisy features on and what the noise
+    becomes after rounding there; warn when it is below one output step (rounding erases most of it:
+    the float evaluation would overstate it)."""
     if not spec or spec.get("kind") not in ("gaussian", "laplace"):
         return
     from edgeveil.training.defenses.noise import effective_noise_after_rounding
 
     for precision, entry in artifacts.items():
-        scale = entry["outputs"][0].get("scale")
-        if not scale or entry.get("zero_point_share") is None:
+        out = entry["outputs"][0]
+        if not out.get("scale") or entry.get("zero_point_share") is None:
             continue
-        eff = effective_noise_after_rounding(float(spec["sigma"]), float(scale), spec["kind"],
-                                             entry["zero_point_share"])
-        eff["below_one_step"] = eff["sigma_steps"] < 1.0
+        info = np.iinfo(np.dtype(out["dtype"]))
+        scale, zero_point = float(out["scale"]), int(out["zero_point"])
+        sent_scale, sent_zp = sent_qparams(scale, zero_point, int(info.min), int(info.max), spec)
+        widened = sent_scale != scale
+        # On a widened grid nothing sits at the range's end, so no noise is clipped there.
+        eff = effective_noise_after_rounding(float(spec["sigma"]), sent_scale, spec["kind"],
+                                             0.0 if widened else entry["zero_point_share"])
+        eff.update(sigma_steps=float(spec["sigma"]) / scale, below_one_step=float(spec["sigma"]) < scale,
+                   sent_scale=sent_scale, sent_zero_point=sent_zp, widened=widened)
         entry["noise_after_rounding"] = eff
         if eff["below_one_step"]:
             log.warning("%s: inference noise sigma %.4g is %.2f output steps (step %.4g): rounding erases most of "

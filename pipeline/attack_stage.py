@@ -111,12 +111,20 @@ def _targets(run_dir: Path, test, runner, keys) -> tuple[np.ndarray, np.ndarray,
     return np.arange(len(test)), feats, "the device runner, locally (no frames stored)"
 
 
-def _record_key(name: str, attack, prec: str, victim_id: str, idx: np.ndarray, n_aux: int, seed: int) -> str:
-    """What an (attack, precision) result depends on; a stored result with another key is redone."""
-    blob = json.dumps({"attack": name, "options": attack.options, "precision": prec, "artifact": victim_id,
-                       "targets": hashlib.sha256(np.ascontiguousarray(idx, np.int64).tobytes()).hexdigest(),
-                       "aux": n_aux, "seed": seed}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+def _record_key(name: str, attack, prec: str, victim, victim_id: str, idx: np.ndarray, n_aux: int,
+                seed: int) -> str:
+    """What an (attack, precision) result depends on; a stored result with another key is redone.
+    With runtime noise, how the device applies it (the spec and the grid it sends on) is part of it."""
+    from edgeveil.device.runner import sent_qparams
+
+    fields = {"attack": name, "options": attack.options, "precision": prec, "artifact": victim_id,
+              "targets": hashlib.sha256(np.ascontiguousarray(idx, np.int64).tobytes()).hexdigest(),
+              "aux": n_aux, "seed": seed}
+    if victim.noise is not None:
+        q = victim.output_quant
+        fields["noise"] = {"spec": victim.noise, "sent": None if q is None else sent_qparams(
+            q["scale"], q["zero_point"], q["qmin"], q["qmax"], victim.noise)}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _load_record(folder: Path, stem: str, key: str):
@@ -253,7 +261,8 @@ def _attack_entry(name: str, attack, features: _Features, inputs: _Inputs, folde
     recons = {}
     for prec, victim in features.victims.items():
         stem = f"{name}.{prec}"
-        key = _record_key(name, attack, prec, artifact_ids[prec], inputs.indices, len(inputs.aux_images), seed)
+        key = _record_key(name, attack, prec, victim, artifact_ids[prec], inputs.indices, len(inputs.aux_images),
+                          seed)
         done = _load_record(folder, stem, key)
         if done is not None:
             log.info("%s on %s features: finished earlier, read back", name, prec)

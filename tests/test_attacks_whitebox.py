@@ -167,8 +167,9 @@ def test_fake_quantize_is_the_devices_quantization_with_a_straight_through_gradi
         np.testing.assert_array_equal(t.grad.numpy(), np.ones_like(x))
 
 
-@pytest.mark.parametrize("noise", [{"kind": "gaussian", "sigma": 0.05}, {"kind": "laplace", "sigma": 0.03},
-                                   {"kind": "dropout", "p": 0.3}], ids=lambda n: n["kind"])
+@pytest.mark.parametrize("noise", [{"kind": "gaussian", "sigma": 0.01}, {"kind": "gaussian", "sigma": 0.05},
+                                   {"kind": "laplace", "sigma": 0.03}, {"kind": "dropout", "p": 0.3}],
+                         ids=lambda n: f"{n['kind']}-{n.get('sigma', n.get('p'))}")
 @pytest.mark.parametrize("precision", ["float", "int8"])
 def test_surrogate_noise_is_distributed_as_the_device_adds_it(digits, victim, noise, precision):
     """What the attack averages over matches device.runner's noise: spread and share of changed features."""
@@ -186,8 +187,11 @@ def test_surrogate_noise_is_distributed_as_the_device_adds_it(digits, victim, no
         theirs = add_float_noise(clean, noise, rng)[0] - clean
     else:
         codes = quantize(clean, out_q["scale"], out_q["zero_point"], np.int8)
-        noisy = add_quantized_noise(codes, out_q["scale"], out_q["zero_point"], noise, rng)[0]
-        theirs = dequantize(noisy, out_q["scale"], out_q["zero_point"]) - clean
+        noisy = add_quantized_noise(codes, out_q["scale"], out_q["zero_point"], noise, rng)
+        theirs = dequantize(noisy.codes, noisy.scale, noisy.zero_point) - clean
+        # The output step is 0.025: 0.01 stays on the tensor's grid, 0.05 and 0.03 widen it.
+        assert model.sent_quant["scale"] == noisy.scale and noisy.stats.get("widened", False) == (
+            noise.get("sigma", 0) >= out_q["scale"])
     assert ours.std() == pytest.approx(theirs.std(), rel=0.03)
     assert (ours != 0).mean() == pytest.approx((theirs != 0).mean(), abs=0.01)
     assert abs(ours.mean() - theirs.mean()) < 0.05 * theirs.std()
@@ -214,7 +218,7 @@ def test_rmle_int8_with_quantized_dropout_noise(digits, victim):
     in_q, out_q = _int8_qparams(_features(head, x[aux]))
     codes = quantize(_int8_features(head, x[target], in_q, out_q), out_q["scale"], out_q["zero_point"], np.int8)
     noise = {"kind": "dropout", "p": 0.2}
-    dropped, _ = add_quantized_noise(codes, out_q["scale"], out_q["zero_point"], noise, np.random.default_rng(2))
+    dropped = add_quantized_noise(codes, out_q["scale"], out_q["zero_point"], noise, np.random.default_rng(2)).codes
     z = dequantize(dropped, out_q["scale"], out_q["zero_point"])
     ctx = _context(digits, head, tail, z, precision="int8", input_quant=in_q, output_quant=out_q, noise=noise)
     result = RmleAttack(**QUICK, noise_draws=2).run(ctx)

@@ -40,17 +40,28 @@ def test_noise_below_one_step_is_erased_by_rounding_and_the_export_warns(tmp_pat
 
 
 @pytest.mark.convert
-def test_noise_well_above_one_step_survives_without_a_warning(tmp_path, caplog):
+def test_noise_well_above_one_step_survives_on_a_widened_grid_and_accuracy_is_as_deployed(tmp_path, caplog):
+    """No warning; the device sends on the widened grid the manifest records, almost nothing is
+    clipped, and the manifest's int8 accuracy is the one of the runner's features."""
+    import torch
+
     from edgeveil.device.runner import HeadRunner
-    from edgeveil.training.runfile import load_splits, read_model_info
+    from edgeveil.training.runfile import load_run, load_splits, read_model_info
 
     m = _train_export(tmp_path / "big", 0.5, caplog)  # ReLU features here step by ~0.01-0.05
-    check = m["artifacts"]["int8"]["noise_after_rounding"]
-    assert not check["below_one_step"] and check["sigma_steps"] > 3
+    entry = m["artifacts"]["int8"]
+    check, out_q = entry["noise_after_rounding"], entry["outputs"][0]
+    assert not check["below_one_step"] and check["sigma_steps"] > 3 and check["widened"]
+    assert check["sent_scale"] > out_q["scale"]
     assert not any("rounding erases" in r.getMessage() for r in caplog.records)
-    test = load_splits(read_model_info(tmp_path / "big")).test
-    out = HeadRunner(tmp_path / "big" / "export", "int8", noise_seed=1).run(test.x[:64])
-    assert out.noise["changed_fraction"] > 0.5
+    info = read_model_info(tmp_path / "big")
+    test = load_splits(info).test
+    out = HeadRunner(tmp_path / "big" / "export", "int8", noise_seed=info["seed"]).run(test.x)
+    assert (out.scale, out.zero_point) == (check["sent_scale"], check["sent_zero_point"])
+    assert out.noise["changed_fraction"] > 0.5 and out.noise["clipped_fraction"] < 1e-3
+    with torch.no_grad():
+        pred = load_run(tmp_path / "big").tail(torch.from_numpy(out.to_nchw())).argmax(dim=1).numpy()
+    assert entry["tail_accuracy"] == pytest.approx(float((pred == test.y).mean()))
 
 
 @pytest.mark.convert

@@ -16,7 +16,7 @@ import pytest
 from edgeveil.device.interpreter import InterpreterError, Runtime, find_interpreter
 from edgeveil.device.manifest import sha256_file
 from edgeveil.device.quant import dequantize
-from edgeveil.device.runner import Features, HeadRunner, add_float_noise, add_quantized_noise
+from edgeveil.device.runner import Features, HeadRunner, add_float_noise, add_quantized_noise, sent_qparams
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "digits_tiny"
 
@@ -219,47 +219,85 @@ def noisy_runner(tmp_path, manifest, steps: float, kind: str = "gaussian", seed:
 
 
 def test_noise_far_below_one_step_is_erased_by_rounding(tmp_path, expected, manifest):
+    scale, zero_point = out_qparams(manifest)
     feats = noisy_runner(tmp_path, manifest, 0.1).run(expected["images"])
     assert feats.noise["changed_fraction"] < 0.01
     assert feats.noise["sigma_steps"] == pytest.approx(0.1)
     assert feats.noise["effective_std"] < 0.1 * feats.noise["sigma"]
+    assert (feats.scale, feats.zero_point, feats.noise["widened"]) == (scale, zero_point, False)  # own grid
     assert np.mean(feats.values != expected["codes_ref"]) < 0.01
 
 
-def test_two_step_noise_survives_but_loses_its_negative_half_at_the_zero_point(tmp_path, expected, manifest):
+def test_two_step_noise_is_sent_on_a_widened_grid_and_keeps_both_halves_at_the_zero_point(tmp_path, expected,
+                                                                                            manifest):
+    """ReLU zeros sit at the dtype's minimum: on the tensor's own grid the negative half of the noise
+    would be clipped there (a bias the tail never trained with). The device widens the grid instead."""
     scale, zero_point = out_qparams(manifest)
     feats = noisy_runner(tmp_path, manifest, 2.0).run(expected["images"])
     stats, ref = feats.noise, expected["codes_ref"]
-    at_zero = np.mean(ref == zero_point)  # ReLU features: about half sit at the dtype's minimum
-    p_below = 0.5 * math.erfc(0.25 / math.sqrt(2))  # P(N(0, 2 steps) < -0.5 step) = P(z < -0.25)
-    print(f"2-step noise: {at_zero:.1%} codes at the zero point, changed {stats['changed_fraction']:.1%}, "
-          f"clipped {stats['clipped_fraction']:.1%}, effective std {stats['effective_std'] / scale:.3f} steps")
-    assert 0.3 < at_zero < 0.7 and stats["changed_fraction"] > 0.5
-    assert stats["clipped_fraction"] == pytest.approx(at_zero * p_below, abs=0.03)
-    assert stats["effective_std"] < stats["nominal_std"]  # clipping removed noise
-    delta = feats.values.astype(float) - ref
-    free = (ref > -118) & (ref < 117)  # 5 sigma from both ends: no clipping there
-    assert np.std(delta[free]) == pytest.approx(math.sqrt(4 + 1 / 12), rel=0.1)  # rounding adds 1/12 step^2
-    assert stats["effective_std"] == pytest.approx(np.std(delta) * scale, rel=1e-9)
+    at_zero = ref == zero_point  # about half the codes
+    wide = (255 * scale + 2 * 4 * 2 * scale) / 255  # the range plus 4 sigma on each side, over 255 steps
+    assert feats.scale == pytest.approx(wide, rel=1e-12) and stats["widened"]
+    assert feats.zero_point == -128 + round(8 * scale / wide)  # 0.0 sits 4 sigma above the new minimum
+    delta = feats.dequantized().astype(np.float64) - dequantize(ref, scale, zero_point)
+    sigma = 2 * scale
+    print(f"2-step noise: {at_zero.mean():.1%} at the zero point; there mean {delta[at_zero].mean() / sigma:+.3f} "
+          f"sigma, std {delta[at_zero].std() / sigma:.3f} sigma; clipped {stats['clipped_fraction']:.2%}")
+    assert 0.3 < at_zero.mean() < 0.7
+    assert stats["clipped_fraction"] < 1e-3
+    assert abs(delta[at_zero].mean()) < 0.03 * sigma  # unbiased: the clipped version is +0.38 sigma
+    expected_std = math.sqrt(sigma ** 2 + wide ** 2 / 12)  # the noise plus rounding on the sent grid
+    assert delta[at_zero].std() == pytest.approx(expected_std, rel=0.03)
+    assert np.std(delta) == pytest.approx(expected_std, rel=0.03)
+    assert stats["effective_std"] == pytest.approx(np.std(delta), rel=1e-5)
+    assert stats["changed_fraction"] == pytest.approx(math.erfc(0.5 * wide / sigma / math.sqrt(2)), abs=0.02)
+
+
+def test_noise_on_the_widened_grid_reaches_the_float_tail_as_in_float(tmp_path, expected, manifest):
+    """What the cloud dequantizes is the clean features plus the nominal noise, not a rectified copy."""
+    scale, zero_point = out_qparams(manifest)
+    clean = dequantize(expected["codes_ref"], scale, zero_point)
+    feats = noisy_runner(tmp_path, manifest, 20.0, seed=5).run(expected["images"])
+    delta = feats.dequantized().astype(np.float64) - clean
+    assert abs(delta.mean()) < 0.03 * 20 * scale and delta.std() == pytest.approx(20 * scale, rel=0.03)
+
+
+def test_sent_qparams():
+    assert sent_qparams(0.5, -128, -128, 127, None) == (0.5, -128)
+    assert sent_qparams(0.5, -128, -128, 127, {"kind": "dropout", "p": 0.5}) == (0.5, -128)
+    assert sent_qparams(0.5, -128, -128, 127, {"kind": "gaussian", "sigma": 0.49}) == (0.5, -128)  # below a step
+    scale, zp = sent_qparams(0.5, -128, -128, 127, {"kind": "gaussian", "sigma": 1.0})
+    assert scale == pytest.approx((127.5 + 8) / 255) and zp == -128 + round(4 / scale)
+    scale, zp = sent_qparams(0.5, 0, -128, 127, {"kind": "laplace", "sigma": 1.0})
+    assert scale == pytest.approx((127.5 + 18) / 255) and zp == round(-128 + 73 / scale)
+    scale, zp = sent_qparams(1e-4, 0, -32768, 32767, {"kind": "gaussian", "sigma": 1.0})  # int16
+    assert (zp - -32768) * scale == pytest.approx(32768e-4 + 4, abs=scale)
+    with pytest.raises(ValueError, match="sigma"):
+        sent_qparams(0.5, 0, -128, 127, {"kind": "gaussian", "sigma": -1})
 
 
 def test_quantized_noise_closed_forms_on_many_codes():
     rng = np.random.default_rng(1)
     mid = np.zeros(200_000, np.int8)
-    _, stats = add_quantized_noise(mid, 0.5, 0, {"kind": "gaussian", "sigma": 1.0}, rng)  # 2 steps
-    assert stats["effective_std"] == pytest.approx(0.5 * math.sqrt(4 + 1 / 12), rel=0.01)
-    assert stats["clipped_fraction"] == 0 and stats["changed_fraction"] == pytest.approx(1 - 0.1974, abs=0.005)
+    noisy = add_quantized_noise(mid, 0.5, 0, {"kind": "gaussian", "sigma": 1.0}, rng)  # 2 steps: widened
+    stats, s = noisy.stats, noisy.scale
+    assert noisy.zero_point == 0 and s == pytest.approx(135.5 / 255)  # 0.0 stays a code: rounding as before
+    assert stats["effective_std"] == pytest.approx(s * math.sqrt((1.0 / s) ** 2 + 1 / 12), rel=0.01)
+    assert stats["clipped_fraction"] == 0
+    assert stats["changed_fraction"] == pytest.approx(math.erfc(0.5 * s / math.sqrt(2)), abs=0.005)
     floor = np.full(200_000, -128, np.int8)
-    out, stats = add_quantized_noise(floor, 0.5, -128, {"kind": "gaussian", "sigma": 1.0}, rng)
-    assert out.min() == -128 and stats["clipped_fraction"] == pytest.approx(0.4013, abs=0.005)
-    _, stats = add_quantized_noise(mid, 0.5, 0, {"kind": "laplace", "sigma": 1.0}, rng)
-    assert stats["nominal_std"] == pytest.approx(math.sqrt(2)) and stats["effective_std"] == pytest.approx(
-        0.5 * math.sqrt(8 + 1 / 12), rel=0.02)
-    tiny, stats = add_quantized_noise(mid, 0.5, 0, {"kind": "gaussian", "sigma": 0.05}, rng)  # 0.1 step
-    assert stats["changed_fraction"] < 1e-4
+    out = add_quantized_noise(floor, 0.5, -128, {"kind": "gaussian", "sigma": 1.0}, rng)
+    applied = dequantize(out.codes, out.scale, out.zero_point)
+    assert abs(applied.mean()) < 0.01 and out.stats["clipped_fraction"] < 1e-4  # was 0.40 on the own grid
+    noisy = add_quantized_noise(mid, 0.5, 0, {"kind": "laplace", "sigma": 1.0}, rng)
+    s = noisy.scale
+    assert noisy.stats["nominal_std"] == pytest.approx(math.sqrt(2))
+    assert noisy.stats["effective_std"] == pytest.approx(s * math.sqrt(2 / s ** 2 + 1 / 12), rel=0.02)
+    tiny, _, _, stats = add_quantized_noise(mid, 0.5, 0, {"kind": "gaussian", "sigma": 0.05}, rng)  # 0.1 step
+    assert stats["changed_fraction"] < 1e-4 and not stats["widened"]
     assert np.count_nonzero(tiny) == round(stats["changed_fraction"] * mid.size)
-    same, none = add_quantized_noise(mid, 0.5, 0, None, rng)
-    assert same is mid and none is None
+    same = add_quantized_noise(mid, 0.5, 0, None, rng)
+    assert same.codes is mid and same.stats is None and (same.scale, same.zero_point) == (0.5, 0)
 
 
 def _norms(x: np.ndarray, ord: int) -> np.ndarray:
@@ -304,7 +342,8 @@ def test_dropout_sets_codes_to_the_zero_point(expected, manifest):
     scale, zero_point = out_qparams(manifest)
     codes = np.tile(expected["codes_ref"], (8, 1, 1, 1))
     rng = np.random.default_rng(0)
-    out, stats = add_quantized_noise(codes, scale, zero_point, {"kind": "dropout", "p": 0.3}, rng)
+    out, sent_scale, sent_zp, stats = add_quantized_noise(codes, scale, zero_point, {"kind": "dropout", "p": 0.3}, rng)
+    assert (sent_scale, sent_zp) == (scale, zero_point)  # dropout keeps the grid
     moved = out != codes
     assert np.all(out[moved] == zero_point)
     assert stats["changed_fraction"] == pytest.approx(0.3 * np.mean(codes != zero_point), abs=0.01)

@@ -220,6 +220,27 @@ def test_frames_the_server_must_refuse(served, int8):
         assert err.attempts == 1
 
 
+def test_noisy_frames_travel_on_the_widened_grid(run_dir, tmp_path, split_test):
+    """With inference noise of a step or more the device requantizes onto a wider grid; the server
+    expects exactly that grid from the manifest, and refuses the tensor's own scale."""
+    run = _copy_run(run_dir, tmp_path / "run")
+    path = run / "export" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    out = manifest["artifacts"]["int8"]["outputs"][0]
+    manifest["inference_noise"] = {"kind": "gaussian", "sigma": 3 * out["scale"]}
+    path.write_text(json.dumps(manifest))
+    runner = HeadRunner(run / "export", "int8", noise_seed=0)
+    feats = runner.run(split_test.x[:2])
+    assert feats.scale > out["scale"] and feats.noise["widened"]
+    with Server(run, keys={DEV: KEY}) as srv:
+        client = CloudClient(srv.base_url, **CLIENT)
+        assert client.infer(_frame(runner, feats))["precision"] == "int8"
+        got = {m["precision"]: m["output"] for m in client.models()["models"]}["int8"]
+        assert (got["scale"], got["zero_point"]) == (feats.scale, feats.zero_point)
+        err = _rejected(client, _frame(runner, feats, scale=out["scale"], zero_point=out["zero_point"]))
+    assert err.status == 422 and "scale" in err.reason and repr(feats.scale) in err.reason
+
+
 def test_http_level_rejections(served, int8):
     runner, feats = int8
     frame = _frame(runner, feats)

@@ -30,8 +30,10 @@ Choices where the paper is silent or where the deployment differs from its float
   SSIM 0.968 with it, 0.972 with the plain float head (research/algorithms.md 8.2 expects this).
 * Runtime noise (manifest `inference_noise`): the feature loss is averaged over `noise_draws`
   draws each step (expectation over transformation). Gaussian and Laplace are drawn in float
-  feature units, dropout sets a feature to 0.0. For integer artifacts the noise is added to the
-  fake-quantized features and quantized again, as device.runner.add_quantized_noise does to codes.
+  feature units, dropout sets a feature to 0.0, and a `clip_norm` first scales each image's
+  features down to that norm, as on the device. For integer artifacts the noise is added to the
+  fake-quantized features, which are quantized again on the grid the device sends them on
+  (device.runner.sent_qparams: widened for noise of a step or more), as add_quantized_noise does.
 
 He et al. report SSIM 0.9969 / 0.5998 on MNIST (LeNet, split conv1 / ReLU2) and 0.9960 / 0.6940 /
 0.1625 on CIFAR-10 (split conv11 / ReLU22 / ReLU32). With the defaults here, on 32 to 64 held-out
@@ -49,7 +51,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgeveil.device.runner import check_noise_spec
+from edgeveil.device.runner import check_noise_spec, sent_qparams
 
 from .base import Attack, AttackContext, AttackResult, ThreatModel, Victim, is_int, is_number, resolve_device
 
@@ -144,6 +146,11 @@ class Surrogate(nn.Module):
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).reshape(1, -1, 1, 1))
         self.input_quant, self.output_quant = input_quant, output_quant
         self.noise = check_noise_spec(noise, "victim.noise")
+        self.sent_quant = output_quant  # the grid noisy codes are sent on (device.runner.sent_qparams)
+        if output_quant is not None and self.noise is not None:
+            scale, zero_point = sent_qparams(output_quant["scale"], output_quant["zero_point"],
+                                             output_quant["qmin"], output_quant["qmax"], self.noise)
+            self.sent_quant = {**output_quant, "scale": scale, "zero_point": zero_point}
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         h = (x - self.mean) / self.std
@@ -158,6 +165,11 @@ class Surrogate(nn.Module):
 
     def _noisy(self, z: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         kind = self.noise["kind"]
+        if self.noise.get("clip_norm") is not None:  # the device scales each image down to the norm first
+            flat = z.flatten(1)
+            norms = flat.abs().sum(1) if self.noise["clip_ord"] == 1 else flat.norm(dim=1)
+            factor = (self.noise["clip_norm"] / norms.clamp_min(1e-12)).clamp(max=1.0)
+            z = z * factor.reshape(-1, *([1] * (z.dim() - 1)))
         if kind == "dropout":
             keep = torch.rand(z.shape, generator=generator, device=z.device) >= self.noise["p"]
             return z * keep
@@ -167,7 +179,7 @@ class Surrogate(nn.Module):
             u = torch.rand(z.shape, generator=generator, device=z.device).clamp(1e-7, 1 - 1e-7) - 0.5
             n = -self.noise["sigma"] * torch.sign(u) * torch.log1p(-2 * u.abs())
         z = z + n
-        return z if self.output_quant is None else fake_quantize(z, self.output_quant)
+        return z if self.sent_quant is None else fake_quantize(z, self.sent_quant)
 
 
 def surrogate(victim: Victim, head: nn.Module | None = None, input_quant: bool = True) -> Surrogate:

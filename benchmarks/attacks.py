@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import defenses as sweep  # noqa: E402  (the same datasets, grid, budgets and run directories)
 
@@ -124,6 +126,126 @@ def published(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _mean(records: list[dict], ds: str, attack: str, metric: str, prec: str = "float") -> float | None:
+    rec = next((r for r in records if r["dataset"] == ds and r["defense"] == "none"), None)
+    s = None if rec is None else rec["attacks"].get(attack, {}).get("precisions", {}).get(prec, {}).get(
+        "summary", {}).get(metric)
+    return None if s is None else s["mean"]
+
+
+def rec_image_size(rec: dict) -> int:
+    return int(json.loads((Path(rec["run_dir"]) / "train" / "model.json").read_text())["input"]["shape"][-1])
+
+
+def closeness(records: list[dict]) -> str:
+    """How close the reproduction came, in words computed from the numbers (undefended, float)."""
+    out = []
+    theirs = {"mnist": (0.5998, "LeNet, ReLU2"), "cifar10": (0.6940, "ReLU22, 128×16×16 after one pooling")}
+    for ds, (paper, where) in theirs.items():
+        ours = _mean(records, ds, "rmle", "ssim")
+        rec = next((r for r in records if r["dataset"] == ds and r["defense"] == "none"), None)
+        if ours is None or rec is None:
+            continue
+        shape = json.loads((Path(rec["run_dir"]) / "export" / "manifest.json").read_text())["feature_shape"]
+        out.append(f"- rMLE on {ds}: SSIM {ours:.3f} against He et al.'s {paper:.4f} ({where}): {ours - paper:+.3f}. "
+                   f"Our head sends {'×'.join(map(str, shape))} features, at "
+                   f"{shape[-1] / rec_image_size(rec):.0%} of the input's resolution.")
+    ours = _mean(records, "cifar10", "inverse", "ssim")
+    if ours is not None:
+        out.append(f"- Inverse network on cifar10 (same distribution): SSIM {ours:.3f} against He et al.'s 0.6802 "
+                   f"({ours - 0.6802:+.3f}).")
+    clean, pmc, scratch = (_mean(records, "cifar10", "pmc", m) for m in ("clean_accuracy", "accuracy",
+                                                                           "scratch_accuracy"))
+    if None not in (clean, pmc, scratch):
+        out.append(f"- InfoScissors' completion table (cifar10, 40 labels): published clean / completion / from "
+                   f"scratch 77.20 / 69.31 / 15.34 %; ours {100 * clean:.2f} / {100 * pmc:.2f} / {100 * scratch:.2f} %. "
+                   f"Our victim is trained for a budget, not to convergence, so compare the shape: completion "
+                   f"reaches {100 * pmc / clean:.0f} % of clean accuracy (published {100 * 69.31 / 77.20:.0f} %), "
+                   f"from scratch {100 * scratch / clean:.0f} % (published {100 * 15.34 / 77.20:.0f} %).")
+    clean, pmc, scratch = (_mean(records, "mnist", "pmc", m) for m in ("clean_accuracy", "accuracy",
+                                                                         "scratch_accuracy"))
+    if None not in (clean, pmc, scratch):
+        out.append(f"- The same on mnist (no published row): clean / completion / from scratch "
+                   f"{100 * clean:.2f} / {100 * pmc:.2f} / {100 * scratch:.2f} %.")
+    return "\n".join(out)
+
+
+INVERSIONS = ("inverse", "rmle", "ka", "shadow")
+GRID_IMAGES = 8
+
+
+def plot_scores(records: list[dict], path: Path) -> bool:
+    """One panel per (dataset, attack): each model's leakage metric, float and int8 bars side by
+    side with their 95% intervals. False when matplotlib is missing."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return False
+    datasets = list(dict.fromkeys(r["dataset"] for r in records))
+    attacks = [a for a in ATTACKS if any(a in r["attacks"] for r in records)]
+    fig = Figure(figsize=(3.0 * len(attacks), 2.8 * len(datasets)), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(datasets), len(attacks), squeeze=False)
+    for i, ds in enumerate(datasets):
+        rows = [r for r in records if r["dataset"] == ds]
+        for j, name in enumerate(attacks):
+            ax, metric = axes[i][j], SHOWN[name][0]
+            for k, prec in enumerate(("float", "int8")):
+                means, errs = [], [[], []]
+                for r in rows:
+                    s = r["attacks"].get(name, {}).get("precisions", {}).get(prec, {}).get("summary", {}).get(metric)
+                    m = float("nan") if s is None else s["mean"]
+                    means.append(m)
+                    errs[0].append(0 if s is None else m - s["ci95"][0])
+                    errs[1].append(0 if s is None else s["ci95"][1] - m)
+                xs = [x + (k - 0.5) * 0.38 for x in range(len(rows))]
+                ax.bar(xs, means, width=0.38, yerr=errs, capsize=2, label=prec,
+                       color=("tab:blue", "tab:orange")[k])
+            ax.set_xticks(range(len(rows)), [r["defense"] for r in rows], rotation=30, fontsize=7)
+            ax.set_title(f"{ds}: {name} {metric}", fontsize=9)
+            ax.tick_params(axis="y", labelsize=7)
+            if i == 0 and j == 0:
+                ax.legend(fontsize=7)
+    _save(fig, path)
+    return True
+
+
+def reconstruction_grid(ds_records: list[dict], path: Path) -> bool:
+    """The first GRID_IMAGES attacked test images, then one row per (model, inversion attack) from
+    the int8 features the cloud received. False when nothing was reconstructed."""
+    from edgeveil.cloud_sim.grid import save_grid
+    from edgeveil.training.runfile import load_splits, read_model_info
+
+    first = Path(ds_records[0]["run_dir"])
+    idx = json.loads((first / "cloud" / "attacks.json").read_text())["targets"]["indices"][:GRID_IMAGES]
+    test = load_splits(read_model_info(first)).test
+    originals = test.x[idx].astype(np.float32).transpose(0, 3, 1, 2) / 255.0
+    rows = {}
+    for r in ds_records:
+        folder = Path(r["run_dir"]) / "cloud" / "attacks"
+        targets = json.loads((folder.parent / "attacks.json").read_text())["targets"]["indices"]
+        if targets[:GRID_IMAGES] != idx:  # every model attacked the same test images, in the same order
+            raise ValueError(f"{folder}: attacked other test images than {first}")
+        for name in INVERSIONS:
+            npz = folder / f"{name}.int8.npz"
+            if npz.is_file():
+                with np.load(npz, allow_pickle=False) as z:
+                    rows[f"{r['defense']} {name}"] = z["reconstructions"][:GRID_IMAGES].astype(np.float32) / 255.0
+    if not rows:
+        return False
+    save_grid(originals, rows, path, n=GRID_IMAGES,
+              title=f"{ds_records[0]['dataset']}: reconstructions from int8 features, per model and attack")
+    return True
+
+
+def _save(fig, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        fig.savefig(f, format="png")
+    tmp.replace(path)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--datasets", default="mnist,cifar10")
@@ -158,11 +280,16 @@ def main(argv=None) -> int:
              "; ka auxiliary data: " + "; ".join(f"{d}: {p.split('/')[-1]}" for d, p in KA_AUX.items()) +
              ". Means with 95% bootstrap intervals over the attacked test images; MI in nats.\n",
              "## Verdicts\n", verdicts(records) + "\n"]
+    if plot_scores(records, args.out / f"attacks{suffix}.png"):
+        parts += [f"![every attack's score per model, float and int8](attacks{suffix}.png)\n"]
     for ds in datasets:
         ds_records = [r for r in records if r["dataset"] == ds]
         row = json.loads((Path(ds_records[0]["run_dir"]) / "bench_row.json").read_text())
         parts += [f"## {ds}\n", sweep.budget_line(ds, [row]) + "\n", table(ds_records) + "\n"]
-    parts += ["## Against the published numbers\n", published(records) + "\n"]
+        grid = args.out / f"attacks_{ds}{suffix}.png"
+        if reconstruction_grid(ds_records, grid):
+            parts += [f"![{ds} reconstructions from int8 features]({grid.name})\n"]
+    parts += ["## Against the published numbers\n", published(records) + "\n", closeness(records) + "\n"]
     (args.out / f"attacks{suffix}.md").write_text("\n".join(parts))
     print("\n".join(parts))
     return 0

@@ -1,7 +1,7 @@
 """The verdict: does privacy survive compression?
 
 Two questions per attack and leakage metric (higher = more leakage: SSIM, PSNR, completion
-accuracy, mutual information; MSE is reported elsewhere, not judged twice):
+accuracy; MSE is reported elsewhere, not judged twice):
 
 * compression: is leakage on the int8 (or fp16) features worse than on the float features of
   the same images? d = mean(int8 - float), paired per image, with a 95% bootstrap interval.
@@ -17,6 +17,10 @@ precision, the defense beats no defense. Without an undefended baseline only the
 is answered, and the verdict says so. Runtime noise below one quantization step is flagged: the
 rounding on the device erases it, which a float-only evaluation cannot see.
 
+Diagnostics (MINE's mutual information) get the same two differences, under "diagnostics", and
+are never judged: their interval is over held-out batches of one trained critic, while the
+critic's own training (unconverged within a budget) moves the estimate by more than that.
+
     verdict(attacks_json, tolerance, baseline=None) -> {"survives", "headline", "checks", "flags", ...}
 """
 from __future__ import annotations
@@ -25,12 +29,13 @@ import numpy as np
 
 from . import metrics
 
-__all__ = ["LEAKAGE_METRICS", "DEFAULT_TOLERANCE", "verdict"]
+__all__ = ["DIAGNOSTIC_METRICS", "LEAKAGE_METRICS", "DEFAULT_TOLERANCE", "verdict"]
 
 # metric -> (tolerance key, label, format)
 LEAKAGE_METRICS = {"ssim": ("ssim", "SSIM", "+.4f"), "psnr": ("psnr", "PSNR (dB)", "+.2f"),
-                   "accuracy": ("accuracy", "completion accuracy", "+.4f"), "mi": ("mi", "MI (nats)", "+.4f")}
-DEFAULT_TOLERANCE = {"ssim": 0.02, "psnr": 0.5, "accuracy": 0.02, "mi": 0.05}
+                   "accuracy": ("accuracy", "completion accuracy", "+.4f")}
+DIAGNOSTIC_METRICS = {"mi": ("mi", "MI (nats)", "+.4f")}
+DEFAULT_TOLERANCE = {"ssim": 0.02, "psnr": 0.5, "accuracy": 0.02}
 
 
 def verdict(attacks: dict, tolerance: dict | None = None, baseline: dict | None = None,
@@ -38,17 +43,23 @@ def verdict(attacks: dict, tolerance: dict | None = None, baseline: dict | None 
     """Judge one run's attacks.json (and, if given, its undefended baseline's attacks.json)."""
     tol = {**DEFAULT_TOLERANCE, **(tolerance or {})}
     same_targets = baseline is not None and _indices(attacks) is not None and _indices(attacks) == _indices(baseline)
-    checks = []
+    checks, diagnostics = [], []
     for name, entry in attacks["attacks"].items():
-        for metric in _judged(entry):
-            checks += _compression(name, entry, metric, tol)
+        for metric in _metrics(entry):
+            diagnostic = metric in DIAGNOSTIC_METRICS
+            found = _compression(name, entry, metric, tol)
             if baseline is not None and defense not in (None, "none"):
                 base = baseline["attacks"].get(name)
-                checks += (_defense(name, entry, base, metric, same_targets, tol) if base is not None
-                           else [_missing(name, metric)])
+                found += (_defense(name, entry, base, metric, same_targets, tol) if base is not None
+                          else [] if diagnostic else [_missing(name, metric)])
+            if diagnostic:
+                for c in found:
+                    c.update(outcome="not judged", tolerance=None)
+            (diagnostics if diagnostic else checks).extend(found)
     flags = _flags(attacks)
     out = {"schema": "edgeveil.verdict/1", "defense": defense, "tolerance": tol,
-           "baseline": baseline is not None, "paired_with_baseline": same_targets, "checks": checks, "flags": flags}
+           "baseline": baseline is not None, "paired_with_baseline": same_targets, "checks": checks,
+           "diagnostics": diagnostics, "flags": flags}
     out.update(_headline(checks, flags, defense, baseline is not None))
     return out
 
@@ -57,13 +68,13 @@ def _indices(attacks: dict):
     return attacks.get("targets", {}).get("indices")
 
 
-def _judged(entry: dict) -> list[str]:
+def _metrics(entry: dict) -> list[str]:
     found = {m for rec in entry["precisions"].values() for m in rec["summary"]}
-    return [m for m in LEAKAGE_METRICS if m in found]
+    return [m for m in (*LEAKAGE_METRICS, *DIAGNOSTIC_METRICS) if m in found]
 
 
 def _compression(name: str, entry: dict, metric: str, tol: dict) -> list[dict]:
-    t = tol[LEAKAGE_METRICS[metric][0]]
+    t = tol.get(metric, 0.0)
     out = []
     for prec, rec in entry["precisions"].items():
         if prec == "float" or "float" not in entry["precisions"]:
@@ -80,7 +91,7 @@ def _compression(name: str, entry: dict, metric: str, tol: dict) -> list[dict]:
 
 
 def _defense(name: str, entry: dict, base: dict, metric: str, paired: bool, tol: dict) -> list[dict]:
-    t = tol[LEAKAGE_METRICS[metric][0]]
+    t = tol.get(metric, 0.0)
     out = []
     for prec, rec in entry["precisions"].items():
         other = base["precisions"].get(prec)

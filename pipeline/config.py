@@ -75,7 +75,7 @@ class ExportConfig:
     target: str | None = _spec(None, doc="a board profile: edgeveil list boards")
 
 
-_TOLERANCE = {"ssim": 0.02, "psnr": 0.5, "accuracy": 0.02, "mi": 0.05}
+_TOLERANCE = {"ssim": 0.02, "psnr": 0.5, "accuracy": 0.02}  # cloud_sim.verdict.DEFAULT_TOLERANCE
 
 
 @dataclass(frozen=True)
@@ -196,7 +196,8 @@ def _check_semantics(cfg: Config, problems: list[str]) -> None:
         problems.append(f"attack.precisions must list float and at least one of {', '.join(_PRECISIONS)}, "
                         f"got {cfg.attack.precisions!r}")
     tol = cfg.attack.tolerance
-    bad = {k: v for k, v in tol.items() if k not in _TOLERANCE or isinstance(v, bool)
+    # "mi" is accepted for configs written before MI became a diagnostic; it is not used.
+    bad = {k: v for k, v in tol.items() if k not in (*_TOLERANCE, "mi") or isinstance(v, bool)
            or not isinstance(v, (int, float)) or not v >= 0}
     if bad:
         problems.append(f"attack.tolerance takes numbers >= 0 for {', '.join(_TOLERANCE)}, got {bad!r}")

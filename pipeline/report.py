@@ -156,6 +156,15 @@ def _section_verdict(run: Path) -> list[str]:
         lines += [_table(["attack", "metric", "comparison", "difference", "95% CI", "outcome"], rows), ""]
     lines.append("Leakage metrics: higher means more leakage. Compression holds when the interval's upper end is "
                  "within the tolerance; the defense holds when the whole interval is below minus the tolerance.")
+    diag = [[c["attack"], _LABEL.get(c["metric"], c["metric"]),
+             f"{c['precision']} − float" if c["kind"] == "compression" else f"defended − undefended, {c['precision']}",
+             f"{c['difference']['mean']:+.4f}",
+             f"{c['difference']['ci95'][0]:+.4f} to {c['difference']['ci95'][1]:+.4f}"]
+            for c in v.get("diagnostics", [])]
+    if diag:
+        lines += ["", "Diagnostics, not judged (the interval is over held-out batches of one trained estimator; "
+                      "retraining it moves the estimate by more):", "",
+                  _table(["diagnostic", "metric", "comparison", "difference", "95% CI"], diag)]
     return lines
 
 

@@ -67,6 +67,24 @@ def test_a_defense_must_beat_no_defense_at_every_compressed_precision():
     assert useless["survives"] is False and "did not hold before compression either" in useless["headline"]
 
 
+def test_mutual_information_is_reported_as_a_diagnostic_and_never_judged():
+    """An MI estimate far apart on int8 (an unconverged critic, say) neither fails compression nor
+    counts as protection; it is reported beside the checks."""
+    mi = RNG.uniform(3.0, 4.0, 8)
+    run = _attacks(BASE, BASE)
+    run["attacks"]["mine"] = {"precisions": {"float": _prec({"mi": mi}), "int8": _prec({"mi": mi + 0.9})}}
+    v = verdict(run, None)
+    assert all(c["attack"] != "mine" for c in v["checks"]) and "mine" not in v["headline"]
+    (diag,) = v["diagnostics"]
+    assert diag["outcome"] == "not judged" and diag["difference"]["mean"] == pytest.approx(0.9)
+    undefended = _attacks(BASE, BASE)
+    undefended["attacks"]["mine"] = {"precisions": {"float": _prec({"mi": mi + 2}), "int8": _prec({"mi": mi + 2})}}
+    lost = _attacks(BASE, BASE)
+    lost["attacks"]["mine"] = {"precisions": {"float": _prec({"mi": mi}), "int8": _prec({"mi": mi})}}
+    v = verdict(lost, None, undefended, defense="cem")  # lower MI alone does not make a defense hold
+    assert v["survives"] is False and {c["kind"] for c in v["diagnostics"]} == {"compression", "defense"}
+
+
 def test_without_a_baseline_only_compression_is_judged():
     v = verdict(_attacks(BASE - 0.3, BASE - 0.3), None, None, defense="cem")
     assert v["survives"] is None and not _checks(v, "defense")

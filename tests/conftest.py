@@ -61,3 +61,17 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+class RecordedQuery:
+    """The real query path of a float victim (uint8 pixels, the PyTorch head, no normalization)
+    that also keeps every batch of images it was sent."""
+
+    def __init__(self, head):
+        from edgeveil.pipeline.attack_stage import _FloatQuery
+
+        self.query, self.sent = _FloatQuery(head, [0.0], [1.0], None, seed=0), []
+
+    def __call__(self, images):
+        self.sent.append(images.copy())
+        return self.query(images)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import one_torch_thread
+from conftest import RecordedQuery, one_torch_thread
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("torchmetrics")
@@ -17,7 +17,6 @@ from edgeveil.cloud_sim.attacks.base import AttackContext, Victim  # noqa: E402
 from edgeveil.cloud_sim.attacks.inverse import InverseAttack  # noqa: E402
 from edgeveil.cloud_sim.attacks.ka import KnowledgeAlignmentAttack, convert_images  # noqa: E402
 from edgeveil.cloud_sim.attacks.mine import MineEstimate  # noqa: E402
-from edgeveil.pipeline.attack_stage import _FloatQuery  # noqa: E402
 from edgeveil.training import archs  # noqa: E402
 from edgeveil.training.data import load_dataset  # noqa: E402
 
@@ -29,17 +28,6 @@ MINE = dict(epochs=20, batch_size=50, val_fraction=0.5)
 def _one_thread():
     """Small convolutions: one thread is as fast, and far faster when the cores are busy."""
     yield from one_torch_thread()
-
-
-class _Recorded:
-    """The real query path (uint8 pixels, the PyTorch head) that also keeps what was sent."""
-
-    def __init__(self, head):
-        self.query, self.sent = _FloatQuery(head, [0.0], [1.0], None, seed=0), []
-
-    def __call__(self, images: np.ndarray) -> np.ndarray:
-        self.sent.append(images.copy())
-        return self.query(images)
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +43,7 @@ def digits():
 def _victim_context(digits, n_target=200) -> AttackContext:
     """Targets are digits; the context's own (same-distribution) aux set is 20 digits KA never uses."""
     x, head = digits
-    query = _Recorded(head)
+    query = RecordedQuery(head)
     aux, target = x[:20], x[20:20 + n_target]
     ctx = AttackContext(aux, query.query(aux), query.query(target), target, progress=False,
                         victim=Victim(query=query))

@@ -304,7 +304,7 @@ def test_options_are_checked_each_by_name():
     with pytest.raises(ValueError, match=message):
         RmleAttack(steps=0, restarts=1.5, noise_draws=True, lr=-1, tv_weight=float("nan"))
     with pytest.raises(ValueError, match=r"shadow_epochs must be.*shadow_lr must be.*val_fraction must be "
-                                         r"in \(0, 1\), got 1.*batch_size must be an integer >= 1, got 0"):
+                                         r"a number in \(0, 1\), got 1.*batch_size must be an integer >= 1, got 0"):
         ShadowAttack(shadow_epochs=0, shadow_lr=0, val_fraction=1, batch_size=0)
     assert ShadowAttack().options["tv_weight"] > RmleAttack().options["tv_weight"]
     assert isinstance(create("rmle", steps=5), RmleAttack) and isinstance(create("shadow"), ShadowAttack)

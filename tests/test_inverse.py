@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import digits_28, one_torch_thread
+from conftest import RecordedQuery, digits_28, one_torch_thread
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("torchmetrics")
@@ -114,24 +114,11 @@ def test_deep_decoder_and_no_ground_truth(digits):
     assert result.scores == {} and result.summary == {}
 
 
-class _Recorded:
-    """The real query path (uint8 pixels, the PyTorch head) that also keeps what was sent."""
-
-    def __init__(self, head):
-        from edgeveil.pipeline.attack_stage import _FloatQuery
-
-        self.query, self.sent = _FloatQuery(head, [0.0], [1.0], None, seed=0), []
-
-    def __call__(self, images: np.ndarray) -> np.ndarray:
-        self.sent.append(images.copy())
-        return self.query(images)
-
-
 def _regime_context(digits, head, **kw) -> AttackContext:
     """300 aux and 200 targets; the victim's training set is the 497 digits in neither."""
     x = digits[0]
     victim_train = np.setdiff1d(np.arange(len(x)), np.concatenate([digits[2], digits[3]]))
-    return _context(digits, n_aux=300, n_target=200, victim=base.Victim(query=_Recorded(head)),
+    return _context(digits, n_aux=300, n_target=200, victim=base.Victim(query=RecordedQuery(head)),
                     victim_images=x[victim_train], **kw)
 
 
@@ -176,7 +163,7 @@ def test_query_regimes_refuse_what_they_lack(digits, head):
                 _context(digits, n_aux=50, n_target=10, victim=base.Victim(), victim_images=bare.aux_images))
     with pytest.raises(ValueError, match="needs ctx.victim_images"):
         InverseAttack(**TINY, queries="same-set").run(
-            _context(digits, n_aux=50, n_target=10, victim=base.Victim(query=_Recorded(head))))
+            _context(digits, n_aux=50, n_target=10, victim=base.Victim(query=RecordedQuery(head))))
     assert [InverseAttack(queries=q).wants_victim_images for q in ("same-distribution", "same-set", "noise")] == [
         False, True, False]
     assert InverseAttack(queries="noise").threat_model.describe() == (

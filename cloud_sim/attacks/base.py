@@ -14,7 +14,7 @@ from typing import Any, Callable, ClassVar
 import numpy as np
 
 __all__ = ["ThreatModel", "Victim", "Attack", "AttackContext", "AttackResult", "resolve_device", "is_int", "is_number",
-           "register", "load", "create"]
+           "option_problems", "POSITIVE", "NON_NEGATIVE", "FRACTION", "register", "load", "create"]
 
 _ARRAYS = ("aux_images", "aux_features", "target_features", "target_images")
 _OPTIONAL = ("labelled_images", "labelled_features", "victim_images")
@@ -204,6 +204,25 @@ def is_int(v) -> bool:
 def is_number(v) -> bool:
     """A finite int or float option value (booleans are not)."""
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# Rules for option_problems: (test, what is allowed)
+POSITIVE = (lambda v: v > 0, "> 0")
+NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
+FRACTION = (lambda v: 0 < v < 1, "in (0, 1)")
+
+
+def option_problems(o: dict, counts: dict[str, int] | None = None,
+                    numbers: dict[str, tuple[Callable[[float], bool], str]] | None = None) -> list[str]:
+    """Every problem with option values, each naming the option and what it allows.
+
+    counts: option -> the smallest integer allowed; numbers: option -> (test, what is allowed),
+    e.g. POSITIVE, NON_NEGATIVE, FRACTION, for finite numbers (booleans are neither).
+    """
+    problems = [f"{k} must be an integer >= {low}, got {o[k]!r}"
+                for k, low in (counts or {}).items() if not is_int(o[k]) or o[k] < low]
+    return problems + [f"{k} must be a number {allowed}, got {o[k]!r}"
+                       for k, (ok, allowed) in (numbers or {}).items() if not is_number(o[k]) or not ok(o[k])]
 
 
 def resolve_device(name: str):

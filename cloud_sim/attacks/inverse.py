@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Attack, AttackContext, AttackResult, ThreatModel, is_int, is_number, resolve_device
+from .base import (FRACTION, NON_NEGATIVE, POSITIVE, Attack, AttackContext, AttackResult, ThreatModel, is_int,
+                   option_problems, resolve_device)
 
 __all__ = ["InverseAttack", "DECODER_OPTIONS", "FittedDecoder", "build_decoder", "decoder_option_problems",
            "fit_decoder", "query_features"]
@@ -120,14 +121,8 @@ class InverseAttack(Attack):
 
 def decoder_option_problems(o: dict) -> list[str]:
     """Every problem with the values of DECODER_OPTIONS in o, each naming the option and what is allowed."""
-    problems = [f"{k} must be an integer >= 1, got {o[k]!r}"
-                for k in ("epochs", "batch_size", "width", "restarts") if not is_int(o[k]) or o[k] < 1]
-    if not is_number(o["lr"]) or not o["lr"] > 0:
-        problems.append(f"lr must be a number > 0, got {o['lr']!r}")
-    if not is_number(o["ssim_weight"]) or not o["ssim_weight"] >= 0:
-        problems.append(f"ssim_weight must be a number >= 0, got {o['ssim_weight']!r}")
-    if not is_number(o["val_fraction"]) or not 0 < o["val_fraction"] < 1:
-        problems.append(f"val_fraction must be in (0, 1), got {o['val_fraction']!r}")
+    problems = option_problems(o, dict.fromkeys(("epochs", "batch_size", "width", "restarts"), 1),
+                               {"lr": POSITIVE, "ssim_weight": NON_NEGATIVE, "val_fraction": FRACTION})
     if o["depth"] not in _DEPTHS:
         problems.append(f"depth must be one of {', '.join(_DEPTHS)}, got {o['depth']!r}")
     return problems

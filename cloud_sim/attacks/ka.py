@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import Attack, AttackContext, AttackResult, ThreatModel
+from .base import Attack, AttackContext, AttackResult, ThreatModel, option_problems
 from .inverse import DECODER_OPTIONS, decoder_option_problems, fit_decoder, query_features
 
 __all__ = ["KnowledgeAlignmentAttack", "convert_images", "default_aux_dataset"]
@@ -72,9 +72,7 @@ class KnowledgeAlignmentAttack(Attack):
     }
 
     def check_options(self, o: dict) -> list[str]:
-        problems = decoder_option_problems(o)
-        if not isinstance(o["aux_size"], int) or isinstance(o["aux_size"], bool) or o["aux_size"] < 2:
-            problems.append(f"aux_size must be an integer >= 2, got {o['aux_size']!r}")
+        problems = decoder_option_problems(o) + option_problems(o, {"aux_size": 2})
         if o["data_root"] is not None and not isinstance(o["data_root"], str):
             problems.append(f"data_root must be a folder path or null, got {o['data_root']!r}")
         return problems + _dataset_problems(o["aux_dataset"])

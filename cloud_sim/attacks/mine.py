@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .base import Attack, AttackContext, AttackResult, ThreatModel, is_int, is_number, resolve_device
+from .base import FRACTION, POSITIVE, Attack, AttackContext, AttackResult, ThreatModel, option_problems, resolve_device
 
 __all__ = ["MineEstimate"]
 
@@ -63,15 +63,8 @@ class MineEstimate(Attack):
     }
 
     def check_options(self, o: dict) -> list[str]:
-        problems = [f"{k} must be an integer >= 1, got {o[k]!r}" for k in ("epochs", "width")
-                    if not is_int(o[k]) or o[k] < 1]
-        if not is_int(o["batch_size"]) or o["batch_size"] < 4:
-            problems.append(f"batch_size must be an integer >= 4, got {o['batch_size']!r}")
-        problems += [f"{k} must be a number in (0, 1), got {o[k]!r}" for k in ("ema", "val_fraction")
-                     if not is_number(o[k]) or not 0 < o[k] < 1]
-        if not is_number(o["lr"]) or not o["lr"] > 0:
-            problems.append(f"lr must be a number > 0, got {o['lr']!r}")
-        return problems
+        return option_problems(o, {"epochs": 1, "width": 1, "batch_size": 4},
+                               {"ema": FRACTION, "val_fraction": FRACTION, "lr": POSITIVE})
 
     def run(self, ctx: AttackContext) -> AttackResult:
         """Train the critic on one part of the target pairs, estimate the bound on the other."""

@@ -64,14 +64,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Attack, AttackContext, AttackResult, ThreatModel, is_int, is_number, resolve_device
+from .base import (NON_NEGATIVE, POSITIVE, Attack, AttackContext, AttackResult, ThreatModel, option_problems,
+                   resolve_device)
 
 __all__ = ["PassiveCompletionAttack", "build_top_model"]
 
 _METHODS = ("mixmatch", "supervised")
 _NUMBERS = {  # option -> (test, what is allowed)
-    "lr": (lambda v: v > 0, "> 0"), "temperature": (lambda v: 0 < v <= 1, "in (0, 1]"),
-    "alpha": (lambda v: v > 0, "> 0"), "lambda_u": (lambda v: v >= 0, ">= 0"),
+    "lr": POSITIVE, "temperature": (lambda v: 0 < v <= 1, "in (0, 1]"), "alpha": POSITIVE, "lambda_u": NON_NEGATIVE,
     "rampup": (lambda v: 0 <= v <= 1, "in [0, 1]"), "ema": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "shift": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
 }
@@ -103,12 +103,8 @@ class PassiveCompletionAttack(Attack):
     }
 
     def check_options(self, o: dict) -> list[str]:
-        ints = {"steps": 1, "batch_size": 1, "width": 1, "augmentations": 1, "scratch_steps": 1}
-        problems = [f"{k} must be an integer >= {low}, got {o[k]!r}"
-                    for k, low in ints.items() if not is_int(o[k]) or o[k] < low]
-        for k, (ok, allowed) in _NUMBERS.items():
-            if not is_number(o[k]) or not ok(o[k]):
-                problems.append(f"{k} must be a number {allowed}, got {o[k]!r}")
+        problems = option_problems(o, dict.fromkeys(("steps", "batch_size", "width", "augmentations",
+                                                     "scratch_steps"), 1), _NUMBERS)
         if not isinstance(o["flip"], bool):
             problems.append(f"flip must be true or false, got {o['flip']!r}")
         if o["method"] not in _METHODS:

@@ -53,7 +53,8 @@ from torch import nn
 
 from edgeveil.device.runner import check_noise_spec, sent_qparams
 
-from .base import Attack, AttackContext, AttackResult, ThreatModel, Victim, is_int, is_number, resolve_device
+from .base import (NON_NEGATIVE, POSITIVE, Attack, AttackContext, AttackResult, ThreatModel, Victim, option_problems,
+                   resolve_device)
 
 __all__ = ["RmleAttack", "Surrogate", "surrogate", "invert", "fake_quantize", "check_inversion_options"]
 
@@ -105,13 +106,8 @@ def _white_box_victim(ctx: AttackContext) -> Victim:
 
 def check_inversion_options(o: dict) -> list[str]:
     """Problems with the inversion options (steps, lr, tv_weight, restarts, batch_size, noise_draws)."""
-    problems = [f"{k} must be an integer >= 1, got {o[k]!r}"
-                for k in ("steps", "restarts", "batch_size", "noise_draws") if not is_int(o[k]) or o[k] < 1]
-    if not is_number(o["lr"]) or not o["lr"] > 0:
-        problems.append(f"lr must be a number > 0, got {o['lr']!r}")
-    if not is_number(o["tv_weight"]) or not o["tv_weight"] >= 0:
-        problems.append(f"tv_weight must be a number >= 0, got {o['tv_weight']!r}")
-    return problems
+    return option_problems(o, dict.fromkeys(("steps", "restarts", "batch_size", "noise_draws"), 1),
+                           {"lr": POSITIVE, "tv_weight": NON_NEGATIVE})
 
 
 

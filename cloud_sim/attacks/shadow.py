@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import rmle
-from .base import Attack, AttackContext, AttackResult, ThreatModel, Victim, is_int, is_number, resolve_device
+from .base import (FRACTION, POSITIVE, Attack, AttackContext, AttackResult, ThreatModel, Victim, option_problems,
+                   resolve_device)
 
 __all__ = ["ShadowAttack", "train_shadow_head"]
 
@@ -57,12 +58,8 @@ class ShadowAttack(Attack):
     }
 
     def check_options(self, o: dict) -> list[str]:
-        problems = [f"{k} must be an integer >= 1, got {o[k]!r}"
-                    for k in ("shadow_epochs", "shadow_batch_size") if not is_int(o[k]) or o[k] < 1]
-        if not is_number(o["shadow_lr"]) or not o["shadow_lr"] > 0:
-            problems.append(f"shadow_lr must be a number > 0, got {o['shadow_lr']!r}")
-        if not is_number(o["val_fraction"]) or not 0 < o["val_fraction"] < 1:
-            problems.append(f"val_fraction must be in (0, 1), got {o['val_fraction']!r}")
+        problems = option_problems(o, {"shadow_epochs": 1, "shadow_batch_size": 1},
+                                   {"shadow_lr": POSITIVE, "val_fraction": FRACTION})
         return problems + rmle.check_inversion_options(o)
 
     def run(self, ctx: AttackContext) -> AttackResult:

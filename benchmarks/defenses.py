@@ -263,6 +263,7 @@ def main(argv=None) -> int:
     ap.add_argument("--timing-repeats", type=int, default=3)
     ap.add_argument("--no-timing", action="store_true", help="keep the interleaved timing already in --runs")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    ap.add_argument("--note", help="how the results were produced (processes, threads, load), printed on top")
     args = ap.parse_args(argv)
     datasets = args.datasets.split(",")
     only = args.only.split(",") if args.only else None
@@ -303,13 +304,17 @@ def main(argv=None) -> int:
     order = {d: i for i, d in enumerate(["none", *GRID])}
     parts = ["# Defenses: accuracy, inverse-attack SSIM on float and int8 features, training cost\n",
              f"Reproduce: `python benchmarks/defenses.py{' --quick' if args.quick else ''}`\n",
+             *([f"This run: {args.note}\n"] if args.note else []),
              f"Machine: {json.dumps(report['machine'])}. Other jobs shared the 2 cores during the sweep, so the "
              "epoch times of the sweep (median epoch of each run, divided by `none`'s) carry that load. The "
              "interleaved column is the training cost to read: every defense at its middle strength timed for "
              "the same number of steps, round-robin with `none`, median of the rounds.\n",
              "Means with 95% bootstrap intervals over the attack targets. 'SSIM cut int8' is 1 − SSIM(defense) / "
              "SSIM(none) on int8 features; 'int8 pts lost' is none's int8 accuracy minus the defense's, in points. "
-             "SSIM: torchmetrics, 11×11 Gaussian window (σ 1.5), data range 1, whole map.\n",
+             "SSIM: torchmetrics, 11×11 Gaussian window (σ 1.5), data range 1, whole map. int8 accuracy and int8 "
+             "features include the runtime noise of `noise` and `cem` as the device adds it: noise of a step or "
+             "more is requantized onto the output range widened by 4σ (device.runner.sent_qparams), not clipped "
+             "at the ReLU zero point.\n",
              verdict_line(rows) + "\n"]
     for ds in dict.fromkeys(r["dataset"] for r in rows):
         ds_rows = sorted((r for r in rows if r["dataset"] == ds), key=lambda r: (order[r["defense"]], r["strength"]))

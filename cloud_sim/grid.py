@@ -75,7 +75,8 @@ def _figure(rows: list[tuple[str, np.ndarray]], title: str | None):
     from matplotlib.figure import Figure
 
     k, cell = len(rows[0][1]), 0.9
-    fig = Figure(figsize=(1.4 + k * cell, 0.2 + len(rows) * cell + (0.4 if title else 0)), dpi=100)
+    margin = max(1.3, 0.2 + 0.075 * max(len(label) for label, _ in rows))  # room for the row labels (9 pt)
+    fig = Figure(figsize=(margin + 0.1 + k * cell, 0.2 + len(rows) * cell + (0.4 if title else 0)), dpi=100)
     FigureCanvasAgg(fig)
     axes = fig.subplots(len(rows), k, squeeze=False, gridspec_kw={"wspace": 0.05, "hspace": 0.05})
     for r, (label, images) in enumerate(rows):
@@ -90,6 +91,6 @@ def _figure(rows: list[tuple[str, np.ndarray]], title: str | None):
         axes[r, 0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.subplots_adjust(left=1.3 / fig.get_figwidth(), right=0.99, bottom=0.02,
+    fig.subplots_adjust(left=margin / fig.get_figwidth(), right=0.99, bottom=0.02,
                         top=1 - (0.5 if title else 0.1) / fig.get_figheight())
     return fig

@@ -43,3 +43,29 @@ def test_device_latency_quick(shared_data, tmp_path):
     assert md.splitlines()[2].startswith("Reproduce: `python benchmarks/device_latency.py --quick")
     assert not (out / "device_latency.json").exists()  # --quick never overwrites the full results
     assert seconds < 600, f"--quick took {seconds:.0f} s"  # budget 3 min on an idle 2-core machine
+
+
+@pytest.mark.slow
+def test_attacks_quick(tmp_path):
+    """--quick on MNIST: four models trained briefly, every attack on float and int8, the verdicts,
+    the score chart, the reconstruction grid and the comparison with the published numbers."""
+    out = tmp_path / "results"
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "attacks.py"), "--quick", "--datasets", "mnist",
+                           "--threads", "1", "--runs", str(tmp_path / "runs"), "--out", str(out)],
+                          capture_output=True, text=True, timeout=1800, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-5000:]
+    report = json.loads((out / "attacks_quick.json").read_text())
+    assert [r["defense"] for r in report["records"]] == ["none", "infoscissors", "siftfunnel", "cem"]
+    for r in report["records"]:
+        assert set(r["attacks"]) == {"inverse", "rmle", "ka", "shadow", "pmc", "mine"}
+        for a in r["attacks"].values():
+            assert set(a["precisions"]) == {"float", "int8"}
+            assert all(p["seconds"] > 0 for p in a["precisions"].values())
+        assert (r["verdict"]["survives"] is None) == (r["defense"] == "none")  # the others judged against none
+        assert r["verdict"]["diagnostics"] and all(c["attack"] != "mine" for c in r["verdict"]["checks"])
+    md = (out / "attacks_quick.md").read_text()
+    for words in ("## Verdicts", "| none | rmle | ssim |", "| cem 8 | pmc | accuracy |", "## Against the published",
+                  "- rMLE on mnist: SSIM", "![mnist reconstructions from int8 features](attacks_mnist_quick.png)"):
+        assert words in md, words
+    for png in ("attacks_quick.png", "attacks_mnist_quick.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -197,6 +197,34 @@ def test_surrogate_noise_is_distributed_as_the_device_adds_it(digits, victim, no
     assert abs(ours.mean() - theirs.mean()) < 0.05 * theirs.std()
 
 
+def test_noise_draws_share_one_pass_through_the_head(digits, victim):
+    """The averaged feature loss runs the head once per step and draws the noise on its output: the
+    same value and gradient as running the head on every draw's copy of the images."""
+    from edgeveil.cloud_sim.attacks.rmle import _feature_loss
+
+    x, _, aux, target = digits
+    head, _ = victim
+    in_q, out_q = _int8_qparams(_features(head, x[aux]))
+    model = surrogate(Victim("int8", head=head, mean=MEAN, std=STD, input_quant=in_q, output_quant=out_q,
+                             noise={"kind": "gaussian", "sigma": 0.05}))
+    images = torch.from_numpy(x[target[:16]])
+    with torch.no_grad():
+        z = model.clean(torch.from_numpy(x[target[16:32]]))
+    grads = []
+    for shared in (True, False):
+        xs = images.clone().requires_grad_(True)
+        generator = torch.Generator().manual_seed(3)
+        if shared:
+            loss = _feature_loss(model, xs, z, 4, generator)
+        else:
+            feats = model(xs.repeat(4, 1, 1, 1), generator)
+            loss = (feats - z.repeat(4, 1, 1, 1)).pow(2).flatten(1).mean(1).view(4, -1).mean(0)
+        loss.sum().backward()
+        grads.append((loss.detach(), xs.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    torch.testing.assert_close(grads[0][1], grads[1][1])
+
+
 def test_rmle_averages_runtime_noise_and_stronger_noise_leaks_less(digits, victim):
     x, _, _, target = digits
     head, tail = victim

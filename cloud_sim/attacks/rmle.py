@@ -149,17 +149,21 @@ class Surrogate(nn.Module):
             self.sent_quant = {**output_quant, "scale": scale, "zero_point": zero_point}
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        z = self.clean(x)
+        if generator is None or self.noise is None:
+            return z
+        return self.noisy(z, generator)
+
+    def clean(self, x: torch.Tensor) -> torch.Tensor:
+        """The head's output codes, dequantized: deterministic, before any runtime noise."""
         h = (x - self.mean) / self.std
         if self.input_quant is not None:
             h = fake_quantize(h, self.input_quant)
         z = self.head(h)
-        if self.output_quant is not None:
-            z = fake_quantize(z, self.output_quant)
-        if generator is None or self.noise is None:
-            return z
-        return self._noisy(z, generator)
+        return z if self.output_quant is None else fake_quantize(z, self.output_quant)
 
-    def _noisy(self, z: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def noisy(self, z: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """One draw of the runtime noise on clean(x), as the device adds it (the noise must be set)."""
         kind = self.noise["kind"]
         if self.noise.get("clip_norm") is not None:  # the device scales each image down to the norm first
             flat = z.flatten(1)
@@ -253,8 +257,10 @@ def _feature_loss(model: Surrogate, x: torch.Tensor, z: torch.Tensor, draws: int
     """Per-image mean squared feature error (B,), averaged over `draws` noise draws."""
     if model.noise is None:
         return (model(x) - z).pow(2).flatten(1).mean(1)
-    feats = model(x.repeat(draws, 1, 1, 1), generator)
-    return (feats - z.repeat(draws, 1, 1, 1)).pow(2).flatten(1).mean(1).view(draws, -1).mean(0)
+    # The head runs once; only the noise differs between draws.
+    clean = model.clean(x)
+    feats = model.noisy(clean.repeat(draws, *([1] * (clean.dim() - 1))), generator)
+    return (feats - z.repeat(draws, *([1] * (z.dim() - 1)))).pow(2).flatten(1).mean(1).view(draws, -1).mean(0)
 
 
 def _tv(x: torch.Tensor) -> torch.Tensor:

@@ -35,9 +35,6 @@ OPTIONS = {
     "pmc": {"steps": 500, "scratch_steps": 300},
     "mine": {"epochs": 30},
 }
-# Runtime-noise draws per step of rmle (and shadow's inversion) against a noisy victim (cem): the default
-# 4, except on CIFAR-10 where 4 draws through the ResNet head made each run take over an hour here.
-NOISE_DRAWS = {"mnist": 4, "cifar10": 1}
 KA_AUX = {"mnist": f"npz:{sweep.SHARED / 'cifar10_test_jpeg.npz'}",   # photographs, turned grey
           "cifar10": f"npz:{sweep.SHARED / 'mnist_test.npz'}"}        # digits, turned RGB
 QUICK = {"rmle": {"steps": 5}, "shadow": {"shadow_epochs": 1, "steps": 5}, "ka": {"epochs": 1, "aux_size": 100},
@@ -68,8 +65,6 @@ def attack_run(ds: str, defense: str, runs: Path, quick: bool) -> dict:
             f"attack.ka.aux_dataset={KA_AUX[ds]}"]
     for name, opts in OPTIONS.items():
         sets += [f"attack.{name}.{k}={v}" for k, v in {**opts, **(QUICK.get(name, {}) if quick else {})}.items()]
-    if json.loads((run_dir / "export" / "manifest.json").read_text()).get("inference_noise"):
-        sets += [f"attack.{name}.noise_draws={NOISE_DRAWS[ds]}" for name in ("rmle", "shadow")]
     if defense != "none":
         sets.append(f"attack.baseline={runs / ds / 'none_0'}")
     cfg = load_config(run_dir / "config.yaml", sets)
@@ -252,6 +247,8 @@ def _save(fig, path: Path) -> None:
 
 
 def main(argv=None) -> int:
+    from edgeveil.cloud_sim.attacks.rmle import RmleAttack
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--datasets", default="mnist,cifar10")
     ap.add_argument("--quick", action="store_true", help="tiny budgets: checks the script, not the numbers")
@@ -285,8 +282,8 @@ def main(argv=None) -> int:
              f"Machine: {json.dumps(report['machine'])}. Models: trained by benchmarks/defenses.py with its budgets "
              "(below). Attack budgets: " + "; ".join(f"{n} {json.dumps(o)}" for n, o in OPTIONS.items()) +
              "; ka auxiliary data: " + "; ".join(f"{d}: {p.split('/')[-1]}" for d, p in KA_AUX.items()) +
-             "; runtime-noise draws per step of rmle and shadow against a noisy victim (cem): " +
-             ", ".join(f"{d} {n}" for d, n in NOISE_DRAWS.items()) +
+             f"; rmle and shadow average over {RmleAttack.OPTIONS['noise_draws']} runtime-noise draws per step "
+             "against a noisy victim (cem)" +
              ". Means with 95% bootstrap intervals over the attacked test images; MI in nats.\n",
              "## Verdicts\n", verdicts(records) + "\n"]
     if plot_scores(records, args.out / f"attacks{suffix}.png"):

@@ -19,8 +19,11 @@ import os
 import platform
 import statistics
 import sys
+import io
 import time
 from pathlib import Path
+
+from edgeveil.device.files import atomic_write_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("EDGEVEIL_SHARED_DATA", REPO.parent / "shared" / "datasets"))
@@ -49,6 +52,10 @@ ATTACK = ["attack.names=[inverse]", "attack.precisions=[float,int8]", "attack.in
 QUICK = ["train.epochs=1", "data.victim_train=300", "data.aux=200", "data.test=100",
          "attack.inverse.epochs=1", "attack.inverse.restarts=1", "attack.inverse.width=8"]
 PAPER_DEFENSES = ("infoscissors", "siftfunnel", "cem")
+
+
+def _write(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
 
 
 def machine() -> dict:
@@ -110,7 +117,7 @@ def run_case(ds: str, defense: str, strength: float, runs: Path, quick: bool) ->
         "seconds": {"train": round(t1 - t0, 1), "export": round(t2 - t1, 1), "attack": round(t3 - t2, 1)},
         "targets": attacks["targets"]["n"],
     }
-    done.write_text(json.dumps(row, indent=2) + "\n")
+    _write(done, json.dumps(row, indent=2) + "\n")  # the resume marker: never half-written
     return row
 
 
@@ -247,8 +254,10 @@ def plot(rows: list[dict], path: Path) -> bool:
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=8, loc="best")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
     return True
 
 
@@ -293,12 +302,12 @@ def main(argv=None) -> int:
               f"{args.timing_steps} steps", flush=True)
         ratios = step_time_ratios(ds, names, 2 if args.quick else args.timing_steps, args.timing_repeats, args.quick)
         timing[ds] = {**timing.get(ds, {}), **ratios}
-        timing_path.write_text(json.dumps(timing, indent=2) + "\n")
+        _write(timing_path, json.dumps(timing, indent=2) + "\n")
     rows = compare(rows, timing)
     suffix = "_quick" if args.quick else ""
     args.out.mkdir(parents=True, exist_ok=True)
     report = {"benchmark": "defenses", "quick": args.quick, "machine": machine(), "grid": GRID, "rows": rows}
-    (args.out / f"defenses{suffix}.json").write_text(json.dumps(report, indent=2) + "\n")
+    _write(args.out / f"defenses{suffix}.json", json.dumps(report, indent=2) + "\n")
     png = args.out / f"defenses{suffix}.png"
     has_plot = plot(rows, png)
     order = {d: i for i, d in enumerate(["none", *GRID])}
@@ -321,7 +330,7 @@ def main(argv=None) -> int:
         parts += [f"## {ds}\n", budget_line(ds, ds_rows) + "\n", table(ds_rows) + "\n"]
     if has_plot:
         parts.append(f"![accuracy against inverse SSIM]({png.name})\n")
-    (args.out / f"defenses{suffix}.md").write_text("\n".join(parts))
+    _write(args.out / f"defenses{suffix}.md", "\n".join(parts))
     print("\n".join(parts))
     print(f"wrote {args.out / f'defenses{suffix}.md'} and .json")
     return 0

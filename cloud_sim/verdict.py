@@ -41,7 +41,8 @@ DEFAULT_TOLERANCE = {"ssim": 0.02, "psnr": 0.5, "accuracy": 0.02}
 def verdict(attacks: dict, tolerance: dict | None = None, baseline: dict | None = None,
             defense: str | None = None) -> dict:
     """Judge one run's attacks.json (and, if given, its undefended baseline's attacks.json)."""
-    tol = {**DEFAULT_TOLERANCE, **(tolerance or {})}
+    # Only judged metrics have a tolerance ("mi" in configs from before MI became a diagnostic is dropped).
+    tol = {k: v for k, v in {**DEFAULT_TOLERANCE, **(tolerance or {})}.items() if k in DEFAULT_TOLERANCE}
     same_targets = baseline is not None and _indices(attacks) is not None and _indices(attacks) == _indices(baseline)
     checks, diagnostics = [], []
     for name, entry in attacks["attacks"].items():

@@ -73,8 +73,9 @@ def test_mutual_information_is_reported_as_a_diagnostic_and_never_judged():
     mi = RNG.uniform(3.0, 4.0, 8)
     run = _attacks(BASE, BASE)
     run["attacks"]["mine"] = {"precisions": {"float": _prec({"mi": mi}), "int8": _prec({"mi": mi + 0.9})}}
-    v = verdict(run, None)
+    v = verdict(run, {"mi": 0.05})  # a tolerance an older config still carries: ignored
     assert all(c["attack"] != "mine" for c in v["checks"]) and "mine" not in v["headline"]
+    assert "mi" not in v["tolerance"]
     (diag,) = v["diagnostics"]
     assert diag["outcome"] == "not judged" and diag["difference"]["mean"] == pytest.approx(0.9)
     undefended = _attacks(BASE, BASE)

@@ -122,8 +122,9 @@ def table(records: list[dict]) -> str:
 
 
 def verdicts(records: list[dict]) -> str:
-    word = {True: "survives", False: "does NOT survive", None: "not judged"}
-    return "\n".join(f"- **{r['dataset']} / {r['defense']}**: {word[r['verdict']['survives']]}. "
+    from edgeveil.cloud_sim.verdict import outcome_word
+
+    return "\n".join(f"- **{r['dataset']} / {r['defense']}**: {outcome_word(r['verdict'])}. "
                      f"{r['verdict']['headline']}" for r in records)
 
 

@@ -1,27 +1,39 @@
 """The verdict: does privacy survive compression?
 
-Two questions per attack and leakage metric (higher = more leakage: SSIM, PSNR, completion
-accuracy; MSE is reported elsewhere, not judged twice):
+Judged metrics (higher = more leakage): SSIM (interior), PSNR, identification (the auditor's
+evaluator on the reconstructions; top-5 too with 20 classes or more) and completion accuracy. MSE is
+reported elsewhere, not judged twice; MINE's MI is a diagnostic (see below).
 
-* compression: is leakage on the int8 (or fp16) features worse than on the float features of
-  the same images? d = mean(int8 - float), paired per image, with a 95% bootstrap interval.
-  holds when the interval's upper end is within the tolerance; fails when the mean difference is
-  beyond it; uncertain otherwise (the interval reaches past the tolerance but the mean does not).
-* defense: does the defense still beat no defense at the same precision? d = defended -
-  undefended (paired when both runs attacked the same test images, else independent samples).
-  holds when the whole interval is below minus the tolerance: an improvement smaller than what
-  compression is allowed to cost is not counted as protection; fails otherwise.
+Attack power. A failed attack looks like privacy, so an attack certifies a defense at a precision
+only after it has shown, on the undefended baseline at that precision, that it works:
+* a reconstruction attack: the evaluator identifies at least `power` (default 0.8) of what it
+  identifies on the originals;
+* a completion attack: its accuracy from few labels reaches `power` of the clean accuracy.
+An attack below that is "too weak to certify": its figures are reported, its defense checks are not
+counted.
 
-Privacy survives compression when no compression check fails and, at every compressed
-precision, the defense beats no defense. Without an undefended baseline only the first question
-is answered, and the verdict says so. Runtime noise below one quantization step is flagged: the
-rounding on the device erases it, which a float-only evaluation cannot see.
+Two questions per attack, metric and precision:
+* compression: does the int8 (or fp16) artifact leak more than the float head on the same images?
+  d = mean(int8 - float), paired per image, 95% bootstrap interval. holds when the interval's upper
+  end is within the tolerance; fails when the mean is beyond it; uncertain otherwise.
+* defense: does the defense beat no defense at this precision? d = defended - undefended (paired
+  when both runs attacked the same images). holds when the whole interval is below minus the
+  tolerance; fails otherwise.
 
-Diagnostics (MINE's mutual information) get the same two differences, under "diagnostics", and
-are never judged: their interval is over held-out batches of one trained critic, while the
-critic's own training (unconverged within a budget) moves the estimate by more than that.
+The outcome (a decision, stated before any prose):
+* survives: no compression check fails, and at every compressed precision the defense beats no
+  defense under every attack that proved its power (and it did in float too);
+* does not survive: the defense protected in float against an attack that proved its power, and
+  compression took that away (a compressed defense check failed, or a compression check failed);
+* never protected: the defense did not beat no defense even in float, and compression took nothing
+  away that float had;
+* inconclusive: no undefended baseline, or no attack proved its power; `missing` says what.
+A run without a defense gets the outcome "baseline": it measures leakage and attack power.
 
-    verdict(attacks_json, tolerance, baseline=None) -> {"survives", "headline", "checks", "flags", ...}
+Diagnostics (MINE's mutual information) get the same two differences, under "diagnostics", never
+judged: their interval covers held-out batches of one critic, not the critic's own training.
+
+    verdict(attacks_json, tolerance, baseline=None, defense=None, power=0.8) -> {"outcome", "headline", ...}
 """
 from __future__ import annotations
 
@@ -29,40 +41,90 @@ import numpy as np
 
 from . import metrics
 
-__all__ = ["DIAGNOSTIC_METRICS", "LEAKAGE_METRICS", "DEFAULT_TOLERANCE", "verdict"]
+__all__ = ["DIAGNOSTIC_METRICS", "LEAKAGE_METRICS", "DEFAULT_TOLERANCE", "DEFAULT_POWER", "OUTCOMES",
+           "attack_power", "outcome_word", "verdict"]
 
 # metric -> (tolerance key, label, format)
 LEAKAGE_METRICS = {"ssim": ("ssim", "SSIM", "+.4f"), "psnr": ("psnr", "PSNR (dB)", "+.2f"),
+                   "identification": ("identification", "identification accuracy", "+.4f"),
+                   "identification_top5": ("identification", "top-5 identification accuracy", "+.4f"),
                    "accuracy": ("accuracy", "completion accuracy", "+.4f")}
 DIAGNOSTIC_METRICS = {"mi": ("mi", "MI (nats)", "+.4f")}
-DEFAULT_TOLERANCE = {"ssim": 0.02, "psnr": 0.5, "accuracy": 0.02}
+DEFAULT_TOLERANCE = {"ssim": 0.02, "psnr": 0.5, "identification": 0.02, "accuracy": 0.02}
+DEFAULT_POWER = 0.8
+OUTCOMES = {"survives": "survives", "does not survive": "does NOT survive", "never protected": "never protected",
+            "inconclusive": "inconclusive", "baseline": "baseline (no defense)"}
+
+
+def outcome_word(v: dict | None) -> str:
+    """The outcome as the reports print it ("-" when there is no verdict)."""
+    return "-" if not v else OUTCOMES.get(v.get("outcome"), "not judged")
 
 
 def verdict(attacks: dict, tolerance: dict | None = None, baseline: dict | None = None,
-            defense: str | None = None) -> dict:
+            defense: str | None = None, power: float = DEFAULT_POWER) -> dict:
     """Judge one run's attacks.json (and, if given, its undefended baseline's attacks.json)."""
-    # Only judged metrics have a tolerance ("mi" in configs from before MI became a diagnostic is dropped).
     tol = {k: v for k, v in {**DEFAULT_TOLERANCE, **(tolerance or {})}.items() if k in DEFAULT_TOLERANCE}
+    undefended = defense in (None, "none")
+    reference = attacks if undefended else baseline
+    powers = attack_power(reference, power) if reference is not None else {}
     same_targets = baseline is not None and _indices(attacks) is not None and _indices(attacks) == _indices(baseline)
     checks, diagnostics = [], []
     for name, entry in attacks["attacks"].items():
         for metric in _metrics(entry):
             diagnostic = metric in DIAGNOSTIC_METRICS
             found = _compression(name, entry, metric, tol)
-            if baseline is not None and defense not in (None, "none"):
+            if baseline is not None and not undefended:
                 base = baseline["attacks"].get(name)
-                found += (_defense(name, entry, base, metric, same_targets, tol) if base is not None
+                found += (_defense(name, entry, base, metric, same_targets, tol) if base and base.get("precisions")
                           else [] if diagnostic else [_missing(name, metric)])
-            if diagnostic:
-                for c in found:
+            for c in found:
+                if diagnostic:
                     c.update(outcome="not judged", tolerance=None)
+                c["certifies"] = bool(powers.get(name, {}).get(c["precision"], {}).get("proven"))
             (diagnostics if diagnostic else checks).extend(found)
-    flags = _flags(attacks)
-    out = {"schema": "edgeveil.verdict/1", "defense": defense, "tolerance": tol,
-           "baseline": baseline is not None, "paired_with_baseline": same_targets, "checks": checks,
-           "diagnostics": diagnostics, "flags": flags}
-    out.update(_headline(checks, flags, defense, baseline is not None))
+    decision = _decide(checks, powers, defense, baseline is not None, attacks)
+    out = {"schema": "edgeveil.verdict/2", "defense": defense, "tolerance": tol,
+           "power": {"threshold": power, "by_attack": powers,
+                     "judged_on": "this run" if undefended else "the undefended baseline" if baseline else None},
+           "baseline": baseline is not None, "paired_with_baseline": same_targets, **decision,
+           "checks": checks, "diagnostics": diagnostics, "flags": _flags(attacks)}
+    out["survives"] = {"survives": True, "does not survive": False, "never protected": False}.get(out["outcome"])
+    out["headline"] = headline(out)
     return out
+
+
+# ---------------------------------------------------------------- attack power
+
+
+def attack_power(reference: dict, threshold: float = DEFAULT_POWER) -> dict:
+    """attack -> precision -> {"measure", "value", "reference", "ratio", "proven"} on the undefended run.
+
+    Reconstruction attacks: identification on reconstructions against the evaluator on originals.
+    Completion attacks: completion accuracy against clean accuracy. Others (MI) have no power test.
+    """
+    on_originals = ((reference.get("evaluator") or {}).get("on_originals") or {}).get("identification", {})
+    out = {}
+    for name, entry in reference["attacks"].items():
+        for prec, rec in entry.get("precisions", {}).items():
+            s = rec.get("summary", {})
+            if "identification" in s and on_originals:
+                value, ref, measure = s["identification"]["mean"], on_originals["mean"], "identification"
+            elif "accuracy" in s and "clean_accuracy" in s:
+                value, ref, measure = s["accuracy"]["mean"], s["clean_accuracy"]["mean"], "completion"
+            elif "ssim" in s:  # a reconstruction attack but no evaluator: power cannot be shown
+                out.setdefault(name, {})[prec] = {"measure": "identification", "proven": False,
+                                                  "reason": "no evaluator: identification was not scored"}
+                continue
+            else:
+                continue
+            ratio = value / ref if ref > 0 else 0.0
+            out.setdefault(name, {})[prec] = {"measure": measure, "value": value, "reference": ref,
+                                              "ratio": ratio, "proven": bool(ratio >= threshold)}
+    return out
+
+
+# ---------------------------------------------------------------- checks
 
 
 def _indices(attacks: dict):
@@ -70,12 +132,17 @@ def _indices(attacks: dict):
 
 
 def _metrics(entry: dict) -> list[str]:
-    found = {m for rec in entry["precisions"].values() for m in rec["summary"]}
+    found = {m for rec in entry.get("precisions", {}).values() for m in rec["summary"]}
     return [m for m in (*LEAKAGE_METRICS, *DIAGNOSTIC_METRICS) if m in found]
 
 
+def _tolerance(metric: str, tol: dict) -> float:
+    key = (LEAKAGE_METRICS.get(metric) or DIAGNOSTIC_METRICS.get(metric))[0]
+    return tol.get(key, 0.0)
+
+
 def _compression(name: str, entry: dict, metric: str, tol: dict) -> list[dict]:
-    t = tol.get(metric, 0.0)
+    t = _tolerance(metric, tol)
     out = []
     for prec, rec in entry["precisions"].items():
         if prec == "float" or "float" not in entry["precisions"]:
@@ -92,7 +159,7 @@ def _compression(name: str, entry: dict, metric: str, tol: dict) -> list[dict]:
 
 
 def _defense(name: str, entry: dict, base: dict, metric: str, paired: bool, tol: dict) -> list[dict]:
-    t = tol.get(metric, 0.0)
+    t = _tolerance(metric, tol)
     out = []
     for prec, rec in entry["precisions"].items():
         other = base["precisions"].get(prec)
@@ -144,48 +211,108 @@ def _flags(attacks: dict) -> list[str]:
     return flags
 
 
-def _headline(checks: list[dict], flags: list[str], defense: str | None, has_baseline: bool) -> dict:
-    comp = [c for c in checks if c["kind"] == "compression"]
-    dfn = [c for c in checks if c["kind"] == "defense" and c["precision"] is not None]
-    comp_failed = [c for c in comp if c["outcome"] == "fails"]
-    compressed_def = [c for c in dfn if c["precision"] != "float"]
-    def_failed = [c for c in compressed_def if c["outcome"] == "fails"]
-    float_claimed = [c for c in dfn if c["precision"] == "float" and c["outcome"] == "holds"]
-    lines = []
+# ---------------------------------------------------------------- the decision
+
+
+def _decide(checks: list[dict], powers: dict, defense: str | None, has_baseline: bool, attacks: dict) -> dict:
+    """{"outcome", "missing", "weak", "errors", "evidence": {...}}: what was decided and on what."""
+    errors = [f"{n}: {e['error']}" for n, e in attacks["attacks"].items() if e.get("error")]
+    skipped = [f"{n}: {e['skipped']}" for n, e in attacks["attacks"].items() if e.get("skipped")]
+    weak = sorted({n for n, by in powers.items() for p in by.values() if not p["proven"]})
+    proven = sorted({n for n, by in powers.items() if any(p["proven"] for p in by.values())})
+    comp_failed = [c for c in checks if c["kind"] == "compression" and c["outcome"] == "fails"]
+    certified = [c for c in checks if c["kind"] == "defense" and c["precision"] is not None and c["certifies"]]
+    at_float = [c for c in certified if c["precision"] == "float"]
+    compressed = [c for c in certified if c["precision"] != "float"]
+    held_float = {(c["attack"], c["metric"]) for c in at_float if c["outcome"] == "holds"}
+    lost = [c for c in compressed if c["outcome"] == "fails" and (c["attack"], c["metric"]) in held_float]
+    evidence = {"compression_failed": comp_failed, "lost": lost,
+                "float_failed": [c for c in at_float if c["outcome"] == "fails"],
+                "compressed_failed": [c for c in compressed if c["outcome"] == "fails"],
+                "certified": len(certified), "proven": proven}
+    missing = []
     if defense in (None, "none"):
-        survives = None
-        lines.append("No defense: this run measures how much the features leak, and whether int8 changes that.")
+        outcome = "baseline"
     elif not has_baseline:
-        survives = None
-        lines.append("No undefended baseline was given (attack.baseline): whether the defense beats no defense "
-                     "is not judged, only whether compression made leakage worse.")
+        outcome, missing = "inconclusive", ["an undefended baseline trained the same way (attack.baseline)"]
+    elif not certified:
+        outcome = "inconclusive"
+        missing = [("an attack that proves its power on the undefended baseline; too weak there: "
+                    + ", ".join(weak)) if weak else "an attack with a power test (a reconstruction attack "
+                   "scored by the evaluator, or a completion attack) that ran on both runs"]
+    elif not compressed:
+        outcome, missing = "inconclusive", ["a compressed precision attacked by an attack that proved its power"]
     else:
-        survives = not comp_failed and not def_failed and bool(compressed_def)
-        float_def = [c for c in dfn if c["precision"] == "float"]
-        if survives:
-            lines.append(f"Privacy survives compression: on the compressed features the device sent, `{defense}` "
-                         "still beats no defense under every attack, and no attack leaks more than on float "
-                         "features beyond the tolerance.")
-        elif float_def and not float_claimed:
-            lines.append(f"Privacy does NOT survive compression for `{defense}`, and it did not hold before "
-                         "compression either: on float features too, the defense does not beat no defense by "
-                         "more than the tolerance.")
+        protected_float = bool(at_float) and all(c["outcome"] == "holds" for c in at_float)
+        if protected_float and not comp_failed and not evidence["compressed_failed"]:
+            outcome = "survives"
+        elif lost or (protected_float and comp_failed):
+            outcome = "does not survive"
+        elif not at_float:
+            outcome, missing = "inconclusive", ["an attack that proves its power on float features of the baseline"]
         else:
-            lines.append(f"Privacy does NOT survive compression for `{defense}`.")
-    for c in def_failed:
-        claimed = any(f["attack"] == c["attack"] and f["metric"] == c["metric"] for f in float_claimed)
-        lines.append(f"{c['attack']} {LEAKAGE_METRICS[c['metric']][1]} on {c['precision']} features: defended "
-                     f"{c['defended']:.4f} against undefended {c['undefended']:.4f}, not lower by more than "
-                     f"the tolerance {c['tolerance']:g}"
-                     + (" — although on float features the defense did beat no defense." if claimed else "."))
-    for c in comp_failed:
+            outcome = "never protected"
+    return {"outcome": outcome, "missing": missing, "weak": weak, "errors": errors, "skipped": skipped,
+            "evidence": evidence}
+
+
+# ---------------------------------------------------------------- the prose, made from the decision
+
+
+def _check_line(c: dict) -> str:
+    label, fmt = LEAKAGE_METRICS[c["metric"]][1], LEAKAGE_METRICS[c["metric"]][2]
+    if c["kind"] == "compression":
         d = c["difference"]
-        lines.append(f"{c['attack']} {LEAKAGE_METRICS[c['metric']][1]}: {c['precision']} leaks more than float by "
-                     f"{d['mean']:{LEAKAGE_METRICS[c['metric']][2]}} (95% CI {d['ci95'][0]:+.4f} to "
-                     f"{d['ci95'][1]:+.4f}), beyond the tolerance {c['tolerance']}.")
-    if defense in (None, "none") or not has_baseline:
+        return (f"{c['attack']} {label}: {c['precision']} leaks more than float by {d['mean']:{fmt}} "
+                f"(95% CI {d['ci95'][0]:+.4f} to {d['ci95'][1]:+.4f}), beyond the tolerance {c['tolerance']:g}.")
+    return (f"{c['attack']} {label} on {c['precision']} features: defended {c['defended']:.4f} against undefended "
+            f"{c['undefended']:.4f}, not lower by more than the tolerance {c['tolerance']:g}.")
+
+
+def _power_line(name: str, by_prec: dict) -> str:
+    parts = []
+    for prec, p in by_prec.items():
+        if "ratio" not in p:
+            parts.append(f"{prec}: {p['reason']}")
+        else:
+            what = "identified" if p["measure"] == "identification" else "completion accuracy"
+            parts.append(f"{prec}: {what} {p['value']:.3f} against {p['reference']:.3f} "
+                         f"({100 * p['ratio']:.0f}%)")
+    return f"{name} ({'; '.join(parts)})"
+
+
+def headline(v: dict) -> str:
+    """The verdict in sentences, made only from the decision and its evidence."""
+    ev, defense, outcome = v["evidence"], v["defense"], v["outcome"]
+    threshold = v["power"]["threshold"]
+    lines = {
+        "baseline": "No defense: this run measures how much the features leak, whether int8 changes that, "
+                    "and which attacks are strong enough to certify a defense.",
+        "inconclusive": f"Inconclusive for `{defense}`: missing " + "; ".join(v["missing"]) + ".",
+        "survives": f"Privacy survives compression: on the compressed features the device sent, `{defense}` beats "
+                    f"no defense under every attack that proved its power ({', '.join(ev['proven'])}), as it did "
+                    "in float, and no attack leaks more than on float features beyond the tolerance.",
+        "does not survive": f"Privacy does NOT survive compression for `{defense}`: it protected in float, and "
+                            "compression took that away.",
+        "never protected": f"`{defense}` never protected: even on float features it does not beat no defense "
+                           "under every attack that proved its power, so this is a defense problem, not a "
+                           "compression problem.",
+    }
+    out = [lines[outcome]]
+    out += [_check_line(c) + " On float features it did." for c in ev["lost"]]
+    out += [_check_line(c) for c in ev["compression_failed"]]
+    if outcome == "never protected":
+        out += [_check_line(c) for c in ev["float_failed"]]
+    weak = {n: by for n, by in v["power"]["by_attack"].items() if n in v["weak"]}
+    if weak:
+        out.append(f"Too weak to certify (below {100 * threshold:.0f}% on the undefended model at some precision): "
+                   + "; ".join(_power_line(n, by) for n, by in weak.items()) + ".")
+    if outcome == "baseline":
+        comp = [c for c in v["checks"] if c["kind"] == "compression"]
         held = sum(c["outcome"] == "holds" for c in comp)
-        lines.append(f"Compression checks: {held} of {len(comp)} hold, {len(comp_failed)} fail, "
-                     f"{len(comp) - held - len(comp_failed)} uncertain.")
-    lines += [f"Warning: {f}." for f in flags]
-    return {"survives": survives, "headline": " ".join(lines)}
+        out.append(f"Compression checks: {held} of {len(comp)} hold, {len(ev['compression_failed'])} fail, "
+                   f"{len(comp) - held - len(ev['compression_failed'])} uncertain.")
+    out += [f"Attack failed: {e}." for e in v["errors"]]
+    out += [f"Skipped, this data is too small for it: {e}." for e in v.get("skipped", [])]
+    out += [f"Warning: {f}." for f in v["flags"]]
+    return " ".join(out)

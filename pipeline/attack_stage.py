@@ -167,6 +167,7 @@ def attack_stage(cfg, run_dir: Path, names: list[str] | None = None, progress: b
     from edgeveil.cloud_sim import metrics
     from edgeveil.cloud_sim.attacks import create
     from edgeveil.cloud_sim.grid import save_grid
+    from edgeveil.cloud_sim.preflight import attack_plan, describe_plan, split_sizes
     from edgeveil.cloud_sim.verdict import verdict
     from edgeveil.cloud_sim.store import default_keys_path, load_or_create_keys
     from edgeveil.device.manifest import write_json_atomic
@@ -175,10 +176,15 @@ def attack_stage(cfg, run_dir: Path, names: list[str] | None = None, progress: b
 
     run_dir = Path(run_dir)
     names = list(names or cfg.attack.names)
-    attacks = {n: create(n, **cfg.attack.options.get(n, {})) for n in names}  # validate before work
+    for n in names:  # invalid names and options fail before anything loads
+        create(n, **cfg.attack.options.get(n, {}))
     run = load_run(run_dir)
     baseline = _read_baseline(cfg, run.info)  # a wrong baseline fails before the long work
     splits = load_splits(run.info)
+    plan = attack_plan(names, cfg.attack.options, split_sizes(splits, int(run.info["num_classes"])))
+    for line in describe_plan(plan):
+        log.warning(line)
+    attacks = {n: p.attack for n, p in plan.items() if p.skip is None}
     runners = {"int8": HeadRunner(run_dir / "export", "int8", noise_seed=cfg.seed)}
     manifest = runners["int8"].manifest
     for prec in cfg.attack.precisions:
@@ -203,26 +209,75 @@ def attack_stage(cfg, run_dir: Path, names: list[str] | None = None, progress: b
            "labelled": {"n": len(labelled)}, "precisions": list(victims),
            "inference_noise": manifest.get("inference_noise"),
            "noise_after_rounding": manifest["artifacts"]["int8"].get("noise_after_rounding"),
-           "ssim_convention": {**metrics.SSIM_CONVENTION,
-                               "summary": f"torchmetrics, {metrics.SSIM_CONVENTION['window']} window, "
-                                          "data range 1, whole map incl. border"},
+           "ssim_convention": metrics.SSIM_CONVENTION,
            "attacks": {}}
     inputs = _Inputs(idx, aux_images, splits.aux.y, target_images, splits.test.y[idx], to01(labelled.x),
                      labelled.y, victim_images)
+    evaluator, out["evaluator"] = _evaluator(splits, inputs, int(run.info["num_classes"]), cfg.seed, progress)
     features = _Features(victims, inputs, target_features)
+    for name, p in plan.items():
+        if p.skip is not None:
+            out["attacks"][name] = {"skipped": p.skip, "precisions": {},
+                                    "threat_model": p.attack.threat_model.describe(), "options": p.attack.options}
     for name, attack in attacks.items():
-        entry, recons = _attack_entry(name, attack, features, inputs, run_dir / "cloud" / "attacks",
-                                      artifact_ids, cfg.seed, progress)
+        try:
+            entry, recons = _attack_entry(name, attack, features, inputs, run_dir / "cloud" / "attacks",
+                                          artifact_ids, cfg.seed, progress)
+        except Exception as e:  # one failing attack must not cost the others, the verdict or the report
+            log.exception("attack %s failed", name)
+            out["attacks"][name] = {"error": f"{type(e).__name__}: {e}", "precisions": {},
+                                    "threat_model": attack.threat_model.describe(), "options": attack.options}
+            continue
+        if recons and all(r is not None for r in recons.values()):
+            for prec, recon in recons.items():
+                _score_reconstructions(entry["precisions"][prec], recon, inputs, evaluator, cfg.seed)
         entry["differences"] = _differences(entry["precisions"], metrics)
+        if plan[name].scaled:
+            entry["scaled_to_data"] = plan[name].scaled
         if recons and all(r is not None for r in recons.values()):
             grid = f"{name}.png"
             save_grid(target_images, recons, run_dir / "cloud" / grid,
                       title=f"{name}: originals, then reconstructions from " + ", ".join(recons) + " features")
             entry["grid"] = grid
         out["attacks"][name] = entry
-    out["verdict"] = verdict(out, cfg.attack.tolerance, baseline, defense=run.info.get("defense", {}).get("name"))
+    out["verdict"] = verdict(out, cfg.attack.tolerance, baseline, defense=run.info.get("defense", {}).get("name"),
+                             power=cfg.attack.power)
     write_json_atomic(run_dir / "cloud" / "attacks.json", out)
     return out
+
+
+def _evaluator(splits, inputs, num_classes: int, seed: int, progress: bool):
+    """(the auditor's evaluator or None, its attacks.json entry: accuracy on the original targets)."""
+    from edgeveil.cloud_sim import metrics
+    from edgeveil.cloud_sim.evaluator import ARCH, evaluator_problems, get_evaluator
+
+    ev_split = splits.evaluator
+    problems = (["this run has no evaluator split (trained before it existed): train it again"]
+                if ev_split is None else evaluator_problems(ev_split.y, num_classes))
+    if problems:
+        log.warning("no identification scores: %s", "; ".join(problems))
+        return None, {"available": False, "reason": "; ".join(problems), "arch": ARCH}
+    ev = get_evaluator(ev_split.x, ev_split.y, num_classes, seed=seed, progress=progress)
+    on_originals = ev.correct(inputs.target_images, inputs.target_labels)
+    entry = {"available": True, "arch": ev.info["arch"], "trained_on": ev.info["trained_on"],
+             "validation_accuracy": ev.info["validation_accuracy"], "cache_key": ev.info["key"],
+             "data": "the auditor's evaluator split: disjoint from the victim's training set, the attacker's "
+                     "auxiliary set and the targets",
+             "on_originals": metrics.summarize(on_originals, seed=seed)}
+    return ev, entry
+
+
+def _score_reconstructions(result: dict, recon: np.ndarray, inputs, evaluator, seed: int) -> None:
+    """Score the reconstructions as saved (uint8 pixels), so anyone can recompute the report from the
+    .npz: interior SSIM, PSNR, MSE, and the evaluator's identification of each one."""
+    from edgeveil.cloud_sim import metrics
+
+    saved = np.clip(np.rint(recon * 255), 0, 255).astype(np.float32) / 255.0
+    scores = metrics.image_scores(inputs.target_images, saved)
+    if evaluator is not None:
+        scores.update(evaluator.correct(saved, inputs.target_labels))
+    result["summary"].update(metrics.summarize(scores, seed=seed))
+    result["per_image"].update({k: np.asarray(v).tolist() for k, v in scores.items()})
 
 
 class _Inputs(NamedTuple):

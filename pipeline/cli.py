@@ -188,11 +188,15 @@ def _cmd_attack(args) -> int:
     for name, a in out["attacks"].items():
         for prec, r in a["precisions"].items():
             if r["summary"]:
+                if "identification" in r["summary"]:
+                    s = r["summary"]["identification"]
+                    print(f"{name:10s} {prec:6s} identified {s['mean']:.4f}")
                 metric, s = next(iter(r["summary"].items()))  # the attack's headline metric comes first
                 print(f"{name:10s} {prec:6s} {metric} {s['mean']:.4f} (95% CI {s['ci95'][0]:.4f}-{s['ci95'][1]:.4f})")
+    from edgeveil.cloud_sim.verdict import outcome_word
+
     v = out["verdict"]
-    print({True: "privacy survives compression", False: "privacy does NOT survive compression",
-           None: "verdict: not judged"}[v["survives"]] + f": {v['headline']}")
+    print(f"verdict: {outcome_word(v)}: {v['headline']}")
     print(f"wrote {args.run_dir / 'cloud' / 'attacks.json'}")
     return 0
 

@@ -39,6 +39,8 @@ class DataConfig:
     aux: int | None = _spec(None, min=1, doc="attacker auxiliary set size; null = the default share")
     test: int | None = _spec(None, min=1, doc="test set size; null = the default share")
     labelled: int = _spec(40, min=0, doc="attacker's labelled samples, balanced over classes")
+    evaluator: int | None = _spec(None, min=0, doc="the auditor's labelled set for the identification "
+                                                   "classifier, disjoint from every other split; null = the default share")
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,8 @@ class TrainConfig:
     optimizer: str = _spec("adam", choices=["adam", "sgd"])
     device: str = _spec("auto", doc="auto, cpu, cuda or cuda:N")
     max_steps_per_epoch: int | None = _spec(None, min=1, doc="cap on batches per epoch (quick runs)")
+    augment: str = _spec("none", choices=["none", "crop", "crop-flip"],
+                         doc="training augmentation: random 4-pixel shifts (crop), plus horizontal flips (crop-flip)")
 
 
 @dataclass(frozen=True)
@@ -75,7 +79,9 @@ class ExportConfig:
     target: str | None = _spec(None, doc="a board profile: edgeveil list boards")
 
 
-_TOLERANCE = {"ssim": 0.02, "psnr": 0.5, "accuracy": 0.02}  # cloud_sim.verdict.DEFAULT_TOLERANCE
+# cloud_sim.verdict.DEFAULT_TOLERANCE and DEFAULT_POWER
+_TOLERANCE = {"ssim": 0.02, "psnr": 0.5, "identification": 0.02, "accuracy": 0.02}
+_POWER = 0.8
 
 
 @dataclass(frozen=True)
@@ -87,7 +93,11 @@ class AttackConfig:
     baseline: str | None = _spec(None, doc="run directory of the undefended model trained the same way, "
                                            "for the verdict's defended-against-undefended comparison")
     tolerance: dict = _spec(factory=lambda: dict(_TOLERANCE),
-                            doc="how much worse int8 may leak than float: ssim, psnr (dB), accuracy")
+                            doc="how much worse int8 may leak than float: ssim, psnr (dB), identification "
+                                "and completion accuracy (fractions)")
+    power: float = _spec(_POWER, min=0.0, max=1.0,
+                         doc="an attack certifies a defense only if, on the undefended baseline, the evaluator "
+                             "identifies at least this share of what it identifies on the originals")
     options: dict = _spec(factory=dict, doc="per-attack options, keyed by attack name")
 
 

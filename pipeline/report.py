@@ -108,7 +108,8 @@ def _section_stream(run: Path) -> list[str]:
 
 _SPEC = {"psnr": ".2f", "mse": ".5f"}
 _LABEL = {"ssim": "SSIM", "psnr": "PSNR (dB)", "mse": "MSE", "accuracy": "completion accuracy", "mi": "MI (nats)",
-          "scratch_accuracy": "from-scratch accuracy", "clean_accuracy": "clean accuracy"}
+          "scratch_accuracy": "from-scratch accuracy", "clean_accuracy": "clean accuracy",
+          "identification": "identified", "identification_top5": "identified (top-5)"}
 
 
 def _section_attacks(run: Path) -> tuple[list[str], list[Path]]:
@@ -117,8 +118,14 @@ def _section_attacks(run: Path) -> tuple[list[str], list[Path]]:
         return ["## Attacks", "", "No attack has run yet (`edgeveil attack`)."], []
     lines, images = ["## Attacks: float against int8 features", "",
                      f"Targets: {a['targets']['n']} test images, features from {a['targets']['source']}. "
-                     f"SSIM: {a['ssim_convention']['summary']}. Means with 95% bootstrap intervals."], []
+                     f"SSIM: {a['ssim_convention']['summary']}. Means with 95% bootstrap intervals.",
+                     "", _evaluator_line(a.get("evaluator"))], []
     for name, att in a["attacks"].items():
+        if att.get("error") or att.get("skipped"):
+            why = (f"**Failed**, so it counts for nothing: {att['error']}" if att.get("error")
+                   else f"**Skipped** before it ran: {att['skipped']}")
+            lines += ["", f"### {name}", "", why]
+            continue
         metric_names = list(dict.fromkeys(m for r in att["precisions"].values() for m in r["summary"]))
         rows = [[prec, *(_ci(r["summary"][m], _SPEC.get(m, ".4f")) if m in r["summary"] else "-"
                          for m in metric_names), f"{r['seconds']:.1f}"] for prec, r in att["precisions"].items()]
@@ -134,13 +141,44 @@ def _section_attacks(run: Path) -> tuple[list[str], list[Path]]:
     return lines, images
 
 
+def _evaluator_line(ev: dict | None) -> str:
+    """How the identification scores were made, and how well the evaluator does on the originals."""
+    if not ev:
+        return "Identification: not scored (this attacks.json predates the evaluator)."
+    if not ev.get("available"):
+        return f"Identification: not scored: {ev['reason']}."
+    acc = ev["on_originals"]["identification"]
+    top5 = ev["on_originals"].get("identification_top5")
+    return (f"Identification: the auditor's evaluator ({ev['arch']}), trained on {ev['trained_on']} images of "
+            f"its own split, names the class of **{_ci(acc, '.3f')}** of the original targets"
+            + (f" (top-5 {_ci(top5, '.3f')})" if top5 else "") + "; the *identified* column is its accuracy on "
+            "the reconstructions.")
+
+
+def _power_table(v: dict) -> list[str]:
+    power = v.get("power") or {}
+    rows = [[name, prec, p["measure"], f"{p['value']:.3f}" if "value" in p else "-",
+             f"{p['reference']:.3f}" if "reference" in p else "-",
+             f"{100 * p['ratio']:.0f}%" if "ratio" in p else p.get("reason", "-"),
+             "yes" if p["proven"] else "**too weak to certify**"]
+            for name, by in (power.get("by_attack") or {}).items() for prec, p in by.items()]
+    if not rows:
+        return []
+    return ["", f"Attack power, on {power['judged_on']}: an attack certifies a defense at a precision only if it "
+                f"reaches {100 * power['threshold']:.0f}% of the reference there (identification on reconstructions "
+                "against the evaluator on originals; completion accuracy against clean accuracy).", "",
+            _table(["attack", "features", "measure", "attack's", "reference", "ratio", "certifies"], rows), ""]
+
+
 def _section_verdict(run: Path) -> list[str]:
+    from edgeveil.cloud_sim.verdict import outcome_word
+
     a = _load(run / "cloud" / "attacks.json")
     v = a.get("verdict") if a else None
     if v is None:
         return []
-    word = {True: "survives", False: "does NOT survive", None: "not judged"}[v["survives"]]
-    lines = ["## Verdict: does privacy survive compression?", "", f"**{word}.** {v['headline']}", ""]
+    lines = ["## Verdict: does privacy survive compression?", "", f"**{outcome_word(v)}.** {v['headline']}", "",
+             *_power_table(v)]
     rows = []
     for c in v["checks"]:
         d = c["difference"]
@@ -151,7 +189,8 @@ def _section_verdict(run: Path) -> list[str]:
         what = (f"{c['precision']} − float (tolerance {c['tolerance']:g})" if c["kind"] == "compression"
                 else f"defended − undefended, {c['precision']} (must be below −{c['tolerance']:g})")
         rows.append([c["attack"], label, what, f"{d['mean']:+.4f}", f"{d['ci95'][0]:+.4f} to {d['ci95'][1]:+.4f}",
-                     c["outcome"]])
+                     c["outcome"] if c["kind"] == "compression" or c.get("certifies", True)
+                     else f"{c['outcome']} (not counted: attack too weak)"])
     if rows:
         lines += [_table(["attack", "metric", "comparison", "difference", "95% CI", "outcome"], rows), ""]
     lines.append("Leakage metrics: higher means more leakage. Compression holds when the interval's upper end is "

@@ -107,6 +107,32 @@ def _model_info(cfg: Config, model, splits, sizes: dict, norm, defense, settings
     }
 
 
+def preflight(cfg: Config) -> list[str]:
+    """Before training: carve the splits as training will, and fit every attack to their sizes.
+
+    Invalid attack names or options raise here (all at once); attacks too large for the data are
+    scaled down or skipped, and the lines returned say which, and whether identification can be scored.
+    """
+    from edgeveil.cloud_sim.evaluator import evaluator_problems
+    from edgeveil.cloud_sim.preflight import attack_plan, describe_plan, split_sizes
+    from edgeveil.training import data
+
+    image_size = cfg.data.image_size or data.default_image_size(cfg.data.name)
+    train_pool, test_pool = data.load_dataset(cfg.data.name, cfg.data.root, download=cfg.data.download,
+                                              image_size=image_size)
+    splits = data.make_splits(train_pool, test_pool, seed=cfg.seed, victim_train=cfg.data.victim_train,
+                              aux=cfg.data.aux, test_size=cfg.data.test, labelled=cfg.data.labelled,
+                              evaluator=cfg.data.evaluator)
+    classes = len(test_pool.class_names)
+    sizes = split_sizes(splits, classes)
+    lines = describe_plan(attack_plan(cfg.attack.names, cfg.attack.options, sizes))
+    lines += [f"identification cannot be scored, so the verdict will be inconclusive: {p}"
+              for p in evaluator_problems(splits.evaluator.y, classes)]
+    return [f"splits: {sizes['victim_train']} victim training, {sizes['targets']} test (the attack targets), "
+            f"{sizes['aux']} attacker auxiliary, {sizes['labelled']} labelled, {sizes['evaluator']} for the "
+            "auditor's evaluator", *lines]
+
+
 def train_stage(cfg: Config, run_dir: Path, progress: bool = True) -> dict:
     """Train the split model of ``cfg`` into ``run_dir/train`` (resuming if interrupted)."""
     import torch
@@ -138,7 +164,7 @@ def train_stage(cfg: Config, run_dir: Path, progress: bool = True) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     write_run_config(run_dir, cfg)
     sizes = {"victim_train": cfg.data.victim_train, "aux": cfg.data.aux, "test_size": cfg.data.test,
-             "labelled": cfg.data.labelled}
+             "labelled": cfg.data.labelled, "evaluator": cfg.data.evaluator}
     splits = data.make_splits(train_pool, test_pool, seed=cfg.seed, **sizes)
     mean, std = data.channel_stats(splits.victim_train)
     train_t = data.to_tensors(splits.victim_train, mean, std)
@@ -149,7 +175,7 @@ def train_stage(cfg: Config, run_dir: Path, progress: bool = True) -> dict:
     t = cfg.train
     settings = TrainSettings(epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, weight_decay=t.weight_decay,
                              optimizer=t.optimizer, device=t.device, seed=cfg.seed,
-                             max_steps_per_epoch=t.max_steps_per_epoch)
+                             max_steps_per_epoch=t.max_steps_per_epoch, augment=t.augment)
     trainer = Trainer(model.head, model.tail, defense, settings, train_dir, train_fingerprint(cfg))
     history = trainer.fit(train_t, test_t, progress=progress)
 

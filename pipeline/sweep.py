@@ -97,6 +97,8 @@ def _fmt_summary(s: dict | None, metric: str) -> str:
 
 
 def build_sweep_report(folder: Path) -> tuple[str, list[Path]]:
+    from edgeveil.cloud_sim.verdict import outcome_word
+
     from .report import _table
 
     folder = Path(folder)
@@ -109,7 +111,7 @@ def build_sweep_report(folder: Path) -> tuple[str, list[Path]]:
     verdict_rows = []
     for r in rows:
         v = r["verdict"]
-        word = "-" if v is None else {True: "survives", False: "does NOT survive", None: "not judged"}[v["survives"]]
+        word = outcome_word(v)
         verdict_rows.append([r["run"], r["defense"], f"{r['strength']:g}", word,
                              (v or {}).get("headline", "no attack has run").replace("|", "/")])
     lines += [_table(["run", "defense", "strength", "privacy after compression", "why"], verdict_rows), ""]

@@ -24,6 +24,19 @@ def _torch_optimizers_before_tensorflow() -> None:
 _torch_optimizers_before_tensorflow()
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _evaluator_cache(tmp_path_factory):
+    """The auditor's evaluators of this test session live in a temporary cache, not the user's:
+    each distinct evaluator split is trained once per session."""
+    old = os.environ.get("EDGEVEIL_CACHE")
+    os.environ["EDGEVEIL_CACHE"] = str(tmp_path_factory.mktemp("edgeveil_cache"))
+    yield
+    if old is None:
+        os.environ.pop("EDGEVEIL_CACHE", None)
+    else:
+        os.environ["EDGEVEIL_CACHE"] = old
+
+
 def shared_datasets() -> Path:
     """../shared/datasets beside the checkout (EDGEVEIL_SHARED_DATA overrides)."""
     env = os.environ.get("EDGEVEIL_SHARED_DATA")

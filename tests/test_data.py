@@ -211,7 +211,7 @@ def test_real_mnist_test_npz():
     assert pool.x.shape == (10000, 28, 28, 1) and pool.x.dtype == np.uint8
     assert np.bincount(pool.y, minlength=10).tolist() == MNIST_TEST_COUNTS
     splits = make_splits(None, pool, seed=0, labelled=40)
-    assert [len(splits.test), len(splits.aux), len(splits.victim_train)] == [2000, 2000, 6000]
+    assert [len(splits.test), len(splits.aux), len(splits.evaluator), len(splits.victim_train)] == [2000] * 3 + [4000]
 
 
 def test_torchvision_mnist_reads_raw_idx_files(tmp_path):
@@ -244,9 +244,12 @@ def test_two_pool_splits_are_disjoint_with_default_sizes():
     train, test = indexed_pool(100), indexed_pool(30, offset=1000)
     splits = make_splits(train, test, seed=0, labelled=8)
     assert isinstance(splits, Splits)
-    assert len(splits.victim_train) == 80 and len(splits.aux) == 20 and len(splits.test) == 30
+    assert len(splits.victim_train) == 80 and len(splits.aux) == 20
+    assert len(splits.test) == 15 and len(splits.evaluator) == 15  # the test pool, halved
     victim, aux = set(ids(splits.victim_train)), set(ids(splits.aux))
     assert not victim & aux and victim | aux == set(range(100))
+    test, evaluator = set(ids(splits.test)), set(ids(splits.evaluator))
+    assert not test & evaluator and test | evaluator == set(range(1000, 1030))
     assert set(ids(splits.labelled)) <= aux
 
 
@@ -256,13 +259,22 @@ def test_two_pool_explicit_sizes_and_test_subsample():
     assert [len(splits.victim_train), len(splits.aux), len(splits.test)] == [50, 10, 12]
     assert len(set(ids(splits.test))) == 12 and set(ids(splits.test)) <= set(range(1000, 1030))
     assert not set(ids(splits.victim_train)) & set(ids(splits.aux))
+    # the evaluator gets the rest of the test pool, or what it asks for
+    assert set(ids(splits.evaluator)) == set(range(1000, 1030)) - set(ids(splits.test))
+    few = make_splits(indexed_pool(100), indexed_pool(30, offset=1000), seed=1, test_size=12, evaluator=5,
+                      victim_train=50, aux=10, labelled=4)
+    assert len(few.evaluator) == 5 and not set(ids(few.evaluator)) & set(ids(few.test))
+    assert ids(few.test).tolist() == ids(splits.test).tolist()  # the targets do not move
 
 
-def test_one_pool_splits_carve_three_disjoint_sets():
+def test_one_pool_splits_carve_four_disjoint_sets():
     splits = make_splits(None, indexed_pool(200), seed=3, labelled=12)
-    parts = [set(ids(s)) for s in (splits.test, splits.aux, splits.victim_train)]
-    assert [len(p) for p in parts] == [40, 40, 120]
-    assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
+    parts = [set(ids(s)) for s in (splits.test, splits.aux, splits.victim_train, splits.evaluator)]
+    assert [len(p) for p in parts] == [40, 40, 80, 40]
+    assert all(not (a & b) for i, a in enumerate(parts) for b in parts[i + 1:])
+    # with victim_train given, the evaluator takes what is left, and the other splits do not move
+    given = make_splits(None, indexed_pool(200), seed=3, labelled=12, victim_train=100)
+    assert len(given.evaluator) == 20 and ids(given.test).tolist() == ids(splits.test).tolist()
     assert set(ids(splits.labelled)) <= parts[1]
 
 
@@ -272,7 +284,7 @@ def test_splits_are_deterministic_by_seed():
     b = make_splits(None, pool, seed=7).describe()
     c = make_splits(None, pool, seed=8).describe()
     assert a == b
-    assert set(a) == {"victim_train", "test", "aux", "labelled"} and a["aux"]["size"] == 80
+    assert set(a) == {"victim_train", "test", "aux", "labelled", "evaluator"} and a["aux"]["size"] == 80
     assert a["labelled"]["size"] == 40
     assert all(a[k]["sha256"] != c[k]["sha256"] for k in a)
 
@@ -294,9 +306,10 @@ def test_labelled_needs_enough_of_every_class():
 def test_sizes_that_do_not_fit_name_the_numbers():
     with pytest.raises(ValueError, match=r"victim_train 90 \+ aux 20 = 110 exceeds the train pool of 100"):
         make_splits(indexed_pool(100), indexed_pool(10), seed=0, victim_train=90, aux=20)
-    with pytest.raises(ValueError, match=r"test_size 20 \+ aux 20 \+ victim_train 70 = 110 exceeds the pool of 100"):
+    with pytest.raises(ValueError, match=r"test_size 20 \+ aux 20 \+ victim_train 70 \+ evaluator 0 = 110 exceeds "
+                                         r"the pool of 100"):
         make_splits(None, indexed_pool(100), seed=0, victim_train=70)
-    with pytest.raises(ValueError, match=r"test_size 11 exceeds the test pool of 10 images"):
+    with pytest.raises(ValueError, match=r"test_size 11 \+ evaluator 0 = 11 exceeds the test pool of 10 images"):
         make_splits(indexed_pool(100), indexed_pool(10), seed=0, test_size=11)
 
 

@@ -40,7 +40,7 @@ def test_train_writes_the_run_directory(digits_run: Path):
     assert cfg["data"]["image_size"] == 28 and cfg["model"]["split"] is not None  # defaults written out
     info = read_model_info(digits_run)
     assert info["input"]["shape"] == [1, 28, 28] and len(info["input"]["mean"]) == 1
-    assert set(info["data"]["splits"]) == {"victim_train", "test", "aux", "labelled"}
+    assert set(info["data"]["splits"]) == {"victim_train", "test", "aux", "labelled", "evaluator"}
     assert all(len(s["sha256"]) == 64 for s in info["data"]["splits"].values())
     history = [json.loads(line) for line in (train / "history.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history] == [1, 2]

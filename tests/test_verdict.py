@@ -25,24 +25,34 @@ def _prec(values: dict[str, np.ndarray]) -> dict:
     return {"summary": metrics.summarize(values), "per_image": {k: v.tolist() for k, v in values.items()}}
 
 
-def _attacks(float_ssim, int8_ssim, indices=None, noise=None) -> dict:
-    return {"targets": {"indices": list(range(len(float_ssim))) if indices is None else indices},
-            "inference_noise": noise, "noise_after_rounding": None,
-            "attacks": {"inverse": {"precisions": {"float": _prec({"ssim": np.asarray(float_ssim)}),
-                                                   "int8": _prec({"ssim": np.asarray(int8_ssim)})}}}}
-
-
-def _checks(v: dict, kind: str) -> dict:
-    return {c["precision"]: c for c in v["checks"] if c["kind"] == kind}
-
-
 RNG = np.random.default_rng(0)
 BASE = RNG.uniform(0.5, 0.9, 300)
+ON_ORIGINALS = 0.95  # the evaluator's accuracy on the original targets
+
+
+def _ident(rate: float) -> np.ndarray:
+    """Per-image identification (0/1) with the given mean, the same images identified in every run."""
+    return (np.arange(300) < round(rate * 300)).astype(float)
+
+
+def _attacks(float_ssim, int8_ssim, indices=None, noise=None, ident=(0.93, 0.93)) -> dict:
+    """One reconstruction attack (inverse) with SSIM and identification on float and int8 features."""
+    f_id, i_id = (_ident(r) if np.isscalar(r) else np.asarray(r) for r in ident)
+    return {"targets": {"indices": list(range(len(float_ssim))) if indices is None else indices},
+            "inference_noise": noise, "noise_after_rounding": None,
+            "evaluator": {"available": True, "on_originals": _prec({"identification": _ident(ON_ORIGINALS)})["summary"]},
+            "attacks": {"inverse": {"precisions": {
+                "float": _prec({"ssim": np.asarray(float_ssim), "identification": f_id}),
+                "int8": _prec({"ssim": np.asarray(int8_ssim), "identification": i_id})}}}}
+
+
+def _checks(v: dict, kind: str, metric: str = "ssim") -> dict:
+    return {c["precision"]: c for c in v["checks"] if c["kind"] == kind and c["metric"] == metric}
 
 
 def test_int8_leaking_within_tolerance_holds_and_beyond_it_fails():
     v = verdict(_attacks(BASE, BASE + 0.005), {"ssim": 0.02})
-    assert _checks(v, "compression")["int8"]["outcome"] == "holds" and v["survives"] is None
+    assert _checks(v, "compression")["int8"]["outcome"] == "holds" and v["outcome"] == "baseline"
     v = verdict(_attacks(BASE, BASE + 0.05 + RNG.normal(0, 0.01, 300)), {"ssim": 0.02})
     c = _checks(v, "compression")["int8"]
     assert c["outcome"] == "fails" and c["difference"]["mean"] == pytest.approx(0.05, abs=0.005)
@@ -51,20 +61,81 @@ def test_int8_leaking_within_tolerance_holds_and_beyond_it_fails():
     assert _checks(v, "compression")["int8"]["outcome"] == "uncertain"  # mean within, interval past it
 
 
-def test_a_defense_must_beat_no_defense_at_every_compressed_precision():
+def test_attack_power_is_identification_against_the_evaluator_on_originals():
+    strong = verdict(_attacks(BASE, BASE, ident=(0.90, 0.80)), None, power=0.8)
+    p = strong["power"]["by_attack"]["inverse"]
+    assert p["float"]["ratio"] == pytest.approx(0.90 / 0.95, abs=1e-3) and p["float"]["proven"]
+    assert p["int8"]["ratio"] == pytest.approx(0.80 / 0.95, abs=1e-3) and p["int8"]["proven"]
+    weak = verdict(_attacks(BASE, BASE, ident=(0.70, 0.70)), None, power=0.8)
+    assert not weak["power"]["by_attack"]["inverse"]["float"]["proven"] and weak["weak"] == ["inverse"]
+    assert "Too weak to certify" in weak["headline"] and "inverse" in weak["headline"]
+    # the threshold is the user's: 0.70 / 0.95 = 0.74 proves its power at 0.7
+    assert verdict(_attacks(BASE, BASE, ident=(0.70, 0.70)), None, power=0.7)["weak"] == []
+
+
+def test_survives_when_the_defense_beats_no_defense_under_every_proven_attack():
     undefended = _attacks(BASE, BASE)
-    good = verdict(_attacks(BASE - 0.3, BASE - 0.3), None, undefended, defense="cem")
-    assert good["survives"] is True and good["paired_with_baseline"]
+    good = verdict(_attacks(BASE - 0.3, BASE - 0.3, ident=(0.3, 0.3)), None, undefended, defense="cem")
+    assert good["outcome"] == "survives" and good["survives"] is True and good["paired_with_baseline"]
     assert all(c["outcome"] == "holds" for c in good["checks"])
     assert good["headline"].startswith("Privacy survives compression")
-    # Float protection that int8 loses: the float evaluation's claim does not carry over.
-    lost = verdict(_attacks(BASE - 0.3, BASE), None, undefended, defense="noise")
-    assert lost["survives"] is False
+
+
+def test_does_not_survive_when_compression_takes_float_protection_away():
+    undefended = _attacks(BASE, BASE)
+    lost = verdict(_attacks(BASE - 0.3, BASE, ident=(0.3, 0.93)), None, undefended, defense="noise")
+    assert lost["outcome"] == "does not survive" and lost["survives"] is False
     assert _checks(lost, "defense")["float"]["outcome"] == "holds"
     assert _checks(lost, "defense")["int8"]["outcome"] == "fails"
-    assert "although on float features the defense did beat no defense" in lost["headline"]
-    useless = verdict(_attacks(BASE - 0.001, BASE), None, undefended, defense="noise")
-    assert useless["survives"] is False and "did not hold before compression either" in useless["headline"]
+    assert _checks(lost, "defense", "identification")["int8"]["outcome"] == "fails"
+    assert "compression took that away" in lost["headline"] and "On float features it did" in lost["headline"]
+    # protected in float and at int8, but int8 leaks more than float beyond the tolerance: not survived
+    leaky = verdict(_attacks(BASE - 0.4, BASE - 0.3, ident=(0.2, 0.3)), None, undefended, defense="noise")
+    assert leaky["outcome"] == "does not survive" and leaky["evidence"]["compression_failed"]
+
+
+def test_never_protected_when_the_defense_does_not_beat_no_defense_in_float():
+    undefended = _attacks(BASE, BASE)
+    useless = verdict(_attacks(BASE - 0.001, BASE, ident=(0.92, 0.93)), None, undefended, defense="noise")
+    assert useless["outcome"] == "never protected" and useless["survives"] is False
+    assert "defense problem, not a compression problem" in useless["headline"]
+
+
+def test_inconclusive_without_a_baseline_or_without_an_attack_that_proved_its_power():
+    v = verdict(_attacks(BASE - 0.3, BASE - 0.3), None, None, defense="cem")
+    assert v["outcome"] == "inconclusive" and v["survives"] is None and not _checks(v, "defense")
+    assert "undefended baseline" in v["headline"]
+    # an attack that fails on the undefended model too certifies nothing, however low the defended scores
+    weak_base = _attacks(BASE, BASE, ident=(0.5, 0.5))
+    v = verdict(_attacks(BASE - 0.3, BASE - 0.3, ident=(0.1, 0.1)), None, weak_base, defense="cem")
+    assert v["outcome"] == "inconclusive" and "too weak there: inverse" in v["headline"]
+    assert all(not c["certifies"] for c in v["checks"] if c["kind"] == "defense")
+    # a reconstruction attack without an evaluator cannot prove its power
+    no_eval = _attacks(BASE, BASE)
+    del no_eval["evaluator"]
+    v = verdict(_attacks(BASE - 0.3, BASE - 0.3), None, no_eval, defense="cem")
+    assert v["outcome"] == "inconclusive"
+    assert "no evaluator" in v["power"]["by_attack"]["inverse"]["float"]["reason"]
+
+
+def test_completion_attacks_prove_power_against_clean_accuracy():
+    def pmc(acc, clean):
+        return {"precisions": {p: _prec({"accuracy": _ident(acc), "clean_accuracy": _ident(clean)})
+                               for p in ("float", "int8")}}
+    base = _attacks(BASE, BASE, ident=(0.3, 0.3))   # inverse is too weak here
+    base["attacks"]["pmc"] = pmc(0.85, 0.95)        # 89% of clean accuracy: proven
+    run = _attacks(BASE, BASE, ident=(0.3, 0.3))
+    run["attacks"]["pmc"] = pmc(0.40, 0.93)
+    v = verdict(run, None, base, defense="mid")
+    assert v["power"]["by_attack"]["pmc"]["int8"]["proven"] and v["weak"] == ["inverse"]
+    assert v["outcome"] == "survives"  # judged on pmc alone
+
+
+def test_a_failed_attack_is_named_and_judges_nothing():
+    run = _attacks(BASE, BASE)
+    run["attacks"]["mine"] = {"error": "ValueError: needs 64 pairs", "precisions": {}}
+    v = verdict(run, None)
+    assert "Attack failed: mine: ValueError: needs 64 pairs" in v["headline"]
 
 
 def test_mutual_information_is_reported_as_a_diagnostic_and_never_judged():
@@ -80,22 +151,16 @@ def test_mutual_information_is_reported_as_a_diagnostic_and_never_judged():
     assert diag["outcome"] == "not judged" and diag["difference"]["mean"] == pytest.approx(0.9)
     undefended = _attacks(BASE, BASE)
     undefended["attacks"]["mine"] = {"precisions": {"float": _prec({"mi": mi + 2}), "int8": _prec({"mi": mi + 2})}}
-    lost = _attacks(BASE, BASE)
-    lost["attacks"]["mine"] = {"precisions": {"float": _prec({"mi": mi}), "int8": _prec({"mi": mi})}}
-    v = verdict(lost, None, undefended, defense="cem")  # lower MI alone does not make a defense hold
-    assert v["survives"] is False and {c["kind"] for c in v["diagnostics"]} == {"compression", "defense"}
-
-
-def test_without_a_baseline_only_compression_is_judged():
-    v = verdict(_attacks(BASE - 0.3, BASE - 0.3), None, None, defense="cem")
-    assert v["survives"] is None and not _checks(v, "defense")
-    assert "No undefended baseline was given" in v["headline"]
+    same = _attacks(BASE, BASE)
+    same["attacks"]["mine"] = {"precisions": {"float": _prec({"mi": mi}), "int8": _prec({"mi": mi})}}
+    v = verdict(same, None, undefended, defense="cem")  # lower MI alone does not make a defense hold
+    assert v["outcome"] == "never protected" and {c["kind"] for c in v["diagnostics"]} == {"compression", "defense"}
 
 
 def test_other_targets_in_the_baseline_are_compared_as_independent_samples():
     undefended = _attacks(BASE, BASE, indices=list(range(1, 301)))
-    v = verdict(_attacks(BASE - 0.3, BASE - 0.3), None, undefended, defense="cem")
-    assert not v["paired_with_baseline"] and v["survives"] is True
+    v = verdict(_attacks(BASE - 0.3, BASE - 0.3, ident=(0.3, 0.3)), None, undefended, defense="cem")
+    assert not v["paired_with_baseline"] and v["outcome"] == "survives"
 
 
 # ------------------------------------------------------------------------------- end to end
@@ -159,7 +224,7 @@ def test_noise_below_one_step_protects_in_float_but_not_on_the_device(tmp_path):
     v = json.loads((noisy / "cloud" / "attacks.json").read_text())["verdict"]
     print(json.dumps(v, indent=1))
     defense = {c["precision"]: c for c in v["checks"] if c["kind"] == "defense" and c["metric"] == "ssim"}
-    assert v["survives"] is False
+    assert v["outcome"] == "does not survive"
     assert defense["float"]["outcome"] == "holds"   # the float evaluation claims protection
     assert defense["int8"]["outcome"] == "fails"    # the device's features leak like no defense
     assert any("erased by rounding" in f for f in v["flags"])

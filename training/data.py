@@ -2,8 +2,10 @@
 
 `load_dataset(name)` gives `(train_pool, test_pool)` as uint8 `ImageSet`s;
 `make_splits` carves, by seed, the victim's training set, the test set, the
-attacker's auxiliary set (disjoint from the victim's) and the attacker's few
-labelled samples (balanced over classes, drawn from the auxiliary set).
+attacker's auxiliary set (disjoint from the victim's), the attacker's few
+labelled samples (balanced over classes, drawn from the auxiliary set) and the
+auditor's evaluator set (disjoint from all of them: the data the identification
+classifier is trained on).
 `channel_stats` and `to_tensors` turn an `ImageSet` into normalized tensors.
 
 Importing this module costs numpy only: torch, torchvision, scikit-learn and
@@ -115,10 +117,11 @@ class Splits:
     test: ImageSet
     aux: ImageSet  # attacker's auxiliary data, disjoint from victim_train
     labelled: ImageSet  # attacker's few labelled samples, balanced over classes, a subset of aux
+    evaluator: ImageSet | None = None  # the auditor's labelled data, disjoint from all of the above
 
     def describe(self) -> dict:
         """{split: {"size": n, "sha256": hex}} for model.json."""
-        names = ("victim_train", "test", "aux", "labelled")
+        names = ("victim_train", "test", "aux", "labelled") + (("evaluator",) if self.evaluator is not None else ())
         return {n: {"size": len(getattr(self, n)), "sha256": getattr(self, n).sha256()} for n in names}
 
 
@@ -179,30 +182,40 @@ def _check_sizes(pool: int, what: str, **sizes: int) -> None:
         raise ValueError(f"{parts}{total} exceeds the {what} of {pool} images")
 
 
-def _split_two_pools(train, test, rng, victim_train, aux, test_size):
+def _split_two_pools(train, test, rng, victim_train, aux, test_size, evaluator):
+    """The test and evaluator sets come from the test pool (default: half each), the rest from the train pool."""
     n = len(train)
     if victim_train is None:
         victim_train = _fraction(n, 0.8) if aux is None else min(_fraction(n, 0.8), max(n - aux, 0))
     if aux is None:
         aux = max(n - victim_train, 0)
     _check_sizes(n, "train pool", victim_train=victim_train, aux=aux)
-    if test_size is not None:
-        _check_sizes(len(test), "test pool", test_size=test_size)
-        test = test.subset(rng.permutation(len(test))[:test_size])
+    m = len(test)
+    if test_size is None:
+        test_size = m - evaluator if evaluator is not None else m - m // 2
+    if evaluator is None:
+        evaluator = max(m - test_size, 0)
+    _check_sizes(m, "test pool", test_size=test_size, evaluator=evaluator)
+    test_order = rng.permutation(m)
     order = rng.permutation(n)
-    return train.subset(order[:victim_train]), test, train.subset(order[victim_train : victim_train + aux])
+    return (train.subset(order[:victim_train]), test.subset(test_order[:test_size]),
+            train.subset(order[victim_train : victim_train + aux]),
+            test.subset(test_order[test_size : test_size + evaluator]))
 
 
-def _split_one_pool(pool, rng, victim_train, aux, test_size):
+def _split_one_pool(pool, rng, victim_train, aux, test_size, evaluator):
+    """test, aux and evaluator default to 20% each, victim_train to the rest; given sizes are kept."""
     n = len(pool)
     test_size = _fraction(n, 0.2) if test_size is None else test_size
     aux = _fraction(n, 0.2) if aux is None else aux
-    victim_train = max(n - test_size - aux, 0) if victim_train is None else victim_train
-    _check_sizes(n, "pool", test_size=test_size, aux=aux, victim_train=victim_train)
+    if evaluator is None:
+        evaluator = _fraction(n, 0.2) if victim_train is None else max(n - test_size - aux - victim_train, 0)
+    victim_train = max(n - test_size - aux - evaluator, 0) if victim_train is None else victim_train
+    _check_sizes(n, "pool", test_size=test_size, aux=aux, victim_train=victim_train, evaluator=evaluator)
     order = rng.permutation(n)
-    cuts = np.cumsum([test_size, aux, victim_train])
+    cuts = np.cumsum([test_size, aux, victim_train, evaluator])
     test, aux_idx, victim = order[: cuts[0]], order[cuts[0] : cuts[1]], order[cuts[1] : cuts[2]]
-    return pool.subset(victim), pool.subset(test), pool.subset(aux_idx)
+    return pool.subset(victim), pool.subset(test), pool.subset(aux_idx), pool.subset(order[cuts[2] : cuts[3]])
 
 
 def _balanced_indices(y: np.ndarray, n_classes: int, count: int, rng, class_names) -> np.ndarray:
@@ -228,26 +241,33 @@ def make_splits(
     aux: int | None = None,
     test_size: int | None = None,
     labelled: int = 40,
+    evaluator: int | None = None,
 ) -> Splits:
-    """Carve the four splits, deterministically by seed.
+    """Carve the five splits, deterministically by seed.
 
-    With a train pool: test is the test pool (subsampled to test_size if given);
+    With a train pool: test and evaluator are disjoint random subsets of the test
+    pool (default: half each; a given size leaves the rest to the other);
     victim_train (default 80%) and aux (default the rest) are disjoint random
     subsets of the train pool. With one pool (train None): shuffle it and carve
-    test (default 20%), aux (default 20%) and victim_train (default the rest).
-    labelled: that many samples of aux, balanced over classes.
+    test, aux and evaluator (default 20% each; with victim_train given, evaluator
+    defaults to what is left) and victim_train (default the rest).
+    labelled: that many samples of aux, balanced over classes. evaluator: the
+    auditor's labelled data for the identification classifier, disjoint from
+    every other split.
     """
     if labelled < 0:
         raise ValueError(f"labelled must be >= 0, got {labelled}")
     rng = np.random.default_rng(seed)
     if train is None:
-        victim, test_set, aux_set = _split_one_pool(test, rng, victim_train, aux, test_size)
+        victim, test_set, aux_set, eval_set = _split_one_pool(test, rng, victim_train, aux, test_size, evaluator)
     else:
         if train.class_names != test.class_names:
             raise ValueError(f"train and test pools have different class_names: {train.class_names} vs {test.class_names}")
-        victim, test_set, aux_set = _split_two_pools(train, test, rng, victim_train, aux, test_size)
+        victim, test_set, aux_set, eval_set = _split_two_pools(train, test, rng, victim_train, aux, test_size,
+                                                               evaluator)
     idx = _balanced_indices(aux_set.y, len(aux_set.class_names), labelled, rng, aux_set.class_names)
-    return Splits(victim_train=victim, test=test_set, aux=aux_set, labelled=aux_set.subset(idx))
+    return Splits(victim_train=victim, test=test_set, aux=aux_set, labelled=aux_set.subset(idx),
+                  evaluator=eval_set)
 
 
 # ---------------------------------------------------------------- tensors

@@ -33,6 +33,28 @@ class TrainSettings:
     device: str = "auto"
     seed: int = 0
     max_steps_per_epoch: int | None = None
+    augment: str = "none"   # "none", "crop" (random shifts of up to 4 pixels) or "crop-flip" (plus mirror)
+
+
+AUGMENTS = ("none", "crop", "crop-flip")
+_SHIFT = 4
+
+
+def augment_batch(x: torch.Tensor, kind: str, gen: torch.Generator) -> torch.Tensor:
+    """x (B, C, H, W) normalized -> the same batch randomly shifted by up to 4 pixels (reflected
+    border), and for "crop-flip" mirrored left-right with probability 1/2. Draws come from `gen`."""
+    if kind == "none":
+        return x
+    if kind not in AUGMENTS:
+        raise ValueError(f"train.augment must be one of {', '.join(AUGMENTS)}, got {kind!r}")
+    b, _, h, w = x.shape
+    padded = F.pad(x, (_SHIFT,) * 4, mode="reflect")
+    dy, dx = (torch.randint(0, 2 * _SHIFT + 1, (2, b), generator=gen)).tolist()
+    out = torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(b)])
+    if kind == "crop-flip":
+        flip = (torch.rand(b, generator=gen) < 0.5).to(x.device)
+        out = torch.where(flip.view(-1, 1, 1, 1), out.flip(3), out)
+    return out
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -146,7 +168,7 @@ class Trainer:
             steps = steps[: self.s.max_steps_per_epoch]
         for i in steps:
             idx = order[i:i + bs]
-            xb, yb = x[idx].to(self.device), y[idx].to(self.device)
+            xb, yb = augment_batch(x[idx], self.s.augment, gen).to(self.device), y[idx].to(self.device)
             for k, v in self._step(xb, yb).items():
                 sums[k] = sums.get(k, 0.0) + (v if k == "correct" else v * len(idx))
             n += len(idx)

@@ -183,6 +183,15 @@ class Attack:
         """Every problem with the option values, each naming the option, value and what is allowed."""
         return []
 
+    def fit_to(self, sizes: dict[str, int], given: set[str]) -> tuple[dict[str, Any], str | None]:
+        """(option changes, reason to skip or None) for a run's data, decided before anything trains.
+
+        sizes: "targets", "aux", "labelled", "classes" (and the other split sizes). given: the
+        options the user set; only defaults are scaled down, a given option that cannot fit is a
+        reason to skip that names it. The default: the attack fits any data.
+        """
+        return {}, None
+
     def run(self, ctx: AttackContext) -> AttackResult:
         raise NotImplementedError(f"attack {self.name} does not implement run()")
 

@@ -92,6 +92,10 @@ class InverseAttack(Attack):
             problems.append(f"noise_images applies to queries='noise' only, got queries={o['queries']!r}")
         return problems
 
+    def fit_to(self, sizes: dict, given: set) -> tuple[dict, str | None]:
+        """The decoder needs auxiliary pairs both to train on and to hold out."""
+        return {}, held_out_problem("inverse", sizes["aux"], self.options["val_fraction"])
+
     def run(self, ctx: AttackContext) -> AttackResult:
         """Query the regime's images, fit the decoder on the pairs, invert the targets."""
         start = time.perf_counter()
@@ -153,6 +157,15 @@ def _progress(enabled: bool, total: int, name: str):
 
 
 # ---------------------------------------------------------------- fitting
+
+
+def held_out_problem(name: str, n: int, val_fraction: float) -> str | None:
+    """Why n auxiliary pairs cannot be split into a training and a held-out part, or None."""
+    n_val = int(round(val_fraction * n))
+    if 1 <= n_val < n:
+        return None
+    return (f"{name} needs auxiliary pairs both to train on and to hold out: {n} auxiliary images with "
+            f"val_fraction={val_fraction} hold out {n_val}")
 
 
 class _Data(NamedTuple):

@@ -66,6 +66,18 @@ class MineEstimate(Attack):
         return option_problems(o, {"epochs": 1, "width": 1, "batch_size": 4},
                                {"ema": FRACTION, "val_fraction": FRACTION, "lr": POSITIVE})
 
+    def fit_to(self, sizes: dict, given: set) -> tuple[dict, str | None]:
+        """Both halves of the target pairs must hold a batch: scale batch_size down to fit, to 4 at least."""
+        n, o = sizes["targets"], self.options
+        n_val = int(round(o["val_fraction"] * n))
+        room = min(n_val, n - n_val)
+        if room >= o["batch_size"]:
+            return {}, None
+        if "batch_size" in given or room < 4:
+            return {}, (f"mine needs batch_size={o['batch_size'] if 'batch_size' in given else 4} pairs on each "
+                        f"side, and {n} targets with val_fraction={o['val_fraction']} give {room}")
+        return {"batch_size": room}, None
+
     def run(self, ctx: AttackContext) -> AttackResult:
         """Train the critic on one part of the target pairs, estimate the bound on the other."""
         start, o = time.perf_counter(), self.options

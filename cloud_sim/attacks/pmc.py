@@ -111,6 +111,13 @@ class PassiveCompletionAttack(Attack):
             problems.append(f"method must be one of {', '.join(_METHODS)}, got {o['method']!r}")
         return problems
 
+    def fit_to(self, sizes: dict, given: set) -> tuple[dict, str | None]:
+        """One labelled sample of every class at least (data.labelled, balanced over classes)."""
+        if sizes["labelled"] < sizes["classes"]:
+            return {}, (f"pmc needs a labelled sample of each of the {sizes['classes']} classes, and data.labelled "
+                        f"is {sizes['labelled']}")
+        return {}, None
+
     def run(self, ctx: AttackContext) -> AttackResult:
         """Complete the model on the features, train the baseline from scratch, score both and the tail."""
         from tqdm.auto import tqdm

@@ -62,6 +62,12 @@ class ShadowAttack(Attack):
                                    {"shadow_lr": POSITIVE, "val_fraction": FRACTION})
         return problems + rmle.check_inversion_options(o)
 
+    def fit_to(self, sizes: dict, given: set) -> tuple[dict, str | None]:
+        """The shadow head trains on the labelled auxiliary set and is measured on a held-out part."""
+        from .inverse import held_out_problem
+
+        return {}, held_out_problem("shadow", sizes["aux"], self.options["val_fraction"])
+
     def run(self, ctx: AttackContext) -> AttackResult:
         """Train the shadow head through the tail on the labelled aux data, then invert the targets."""
         start = time.perf_counter()

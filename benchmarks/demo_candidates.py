@@ -17,7 +17,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CANDIDATES = [("none", 0.0, []), ("dropout", 0.5, []), ("dropout", 0.8, []), ("nopeek", 1.0, []),
-              ("siftfunnel", 2.0, []), ("noise", 0.5, []), ("noise", 0.05, []), ("noise", 0.02, [])]
+              ("siftfunnel", 2.0, []), ("noise", 0.5, []), ("noise", 0.05, []), ("noise", 0.02, []),
+              ("noise", 1.5, []), ("noise", 3.0, []), ("noise", 0.005, [])]
 
 
 def run(name: str, strength: float, extra: list[str], runs: Path, attacks: list[str], base_overrides: list[str]):
@@ -52,12 +53,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=Path, default=Path("/tmp/demo_candidates"))
     ap.add_argument("--attacks", default="inverse,rmle")
-    ap.add_argument("--only", help="comma-separated defense names")
+    ap.add_argument("--only", help="comma-separated NAME_STRENGTH, e.g. noise_1.5,noise_3")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args(argv)
     rows = []
     for name, strength, extra in CANDIDATES:
-        if args.only and name != "none" and name not in args.only.split(","):
+        if args.only and name != "none" and f"{name}_{strength:g}" not in args.only.split(","):
             continue
         row = run(name, strength, extra, args.runs, args.attacks.split(","), args.overrides)
         rows.append(row)

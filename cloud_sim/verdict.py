@@ -18,7 +18,10 @@ Two questions per attack, metric and precision:
   end is within the tolerance; fails when the mean is beyond it; uncertain otherwise.
 * defense: does the defense beat no defense at this precision? d = defended - undefended (paired
   when both runs attacked the same images). holds when the whole interval is below minus the
-  tolerance; fails otherwise.
+  tolerance; fails otherwise. Binding for SSIM and completion accuracy (DEFENSE_METRICS); PSNR and
+  identification are reported beside them: the evaluator names the task's own classes, which the
+  server is meant to learn, so no useful defense lowers it (it still proves attack power and is
+  judged for compression).
 
 The outcome (a decision, stated before any prose):
 * survives: no compression check fails, and at every compressed precision the defense beats no
@@ -41,7 +44,7 @@ import numpy as np
 
 from . import metrics
 
-__all__ = ["DIAGNOSTIC_METRICS", "LEAKAGE_METRICS", "DEFAULT_TOLERANCE", "DEFAULT_POWER", "OUTCOMES",
+__all__ = ["DEFENSE_METRICS", "DIAGNOSTIC_METRICS", "LEAKAGE_METRICS", "DEFAULT_TOLERANCE", "DEFAULT_POWER", "OUTCOMES",
            "attack_power", "outcome_word", "verdict"]
 
 # metric -> (tolerance key, label, format)
@@ -50,6 +53,10 @@ LEAKAGE_METRICS = {"ssim": ("ssim", "SSIM", "+.4f"), "psnr": ("psnr", "PSNR (dB)
                    "identification_top5": ("identification", "top-5 identification accuracy", "+.4f"),
                    "accuracy": ("accuracy", "completion accuracy", "+.4f")}
 DIAGNOSTIC_METRICS = {"mi": ("mi", "MI (nats)", "+.4f")}
+# What a defense must cut to beat no defense: the pixels (SSIM) of a reconstruction, the accuracy of
+# a completion. Identification of the task's own class is what the tail computes from the features
+# by design, so a useful defense cannot lower it; its defense checks are reported, not binding.
+DEFENSE_METRICS = ("ssim", "accuracy")
 DEFAULT_TOLERANCE = {"ssim": 0.02, "psnr": 0.5, "identification": 0.02, "accuracy": 0.02}
 DEFAULT_POWER = 0.8
 OUTCOMES = {"survives": "survives", "does not survive": "does NOT survive", "never protected": "never protected",
@@ -174,7 +181,8 @@ def _defense(name: str, entry: dict, base: dict, metric: str, paired: bool, tol:
         out.append({"attack": name, "metric": metric, "kind": "defense", "precision": prec,
                     "difference": {"mean": mean, "ci95": [lo, hi], "of": "defended - undefended"},
                     "defended": rec["summary"][metric]["mean"], "undefended": other["summary"][metric]["mean"],
-                    "tolerance": t, "outcome": "holds" if hi < -t else "fails"})
+                    "tolerance": t, "outcome": "holds" if hi < -t else "fails",
+                    "binding": metric in DEFENSE_METRICS})
     return out
 
 
@@ -221,7 +229,8 @@ def _decide(checks: list[dict], powers: dict, defense: str | None, has_baseline:
     weak = sorted({n for n, by in powers.items() for p in by.values() if not p["proven"]})
     proven = sorted({n for n, by in powers.items() if any(p["proven"] for p in by.values())})
     comp_failed = [c for c in checks if c["kind"] == "compression" and c["outcome"] == "fails"]
-    certified = [c for c in checks if c["kind"] == "defense" and c["precision"] is not None and c["certifies"]]
+    certified = [c for c in checks if c["kind"] == "defense" and c["precision"] is not None and c["certifies"]
+                 and c.get("binding", True)]
     at_float = [c for c in certified if c["precision"] == "float"]
     compressed = [c for c in certified if c["precision"] != "float"]
     held_float = {(c["attack"], c["metric"]) for c in at_float if c["outcome"] == "holds"}

@@ -231,6 +231,7 @@ def attack_stage(cfg, run_dir: Path, names: list[str] | None = None, progress: b
         if recons and all(r is not None for r in recons.values()):
             for prec, recon in recons.items():
                 _score_reconstructions(entry["precisions"][prec], recon, inputs, evaluator, cfg.seed)
+                entry["precisions"][prec]["reconstructions"] = f"attacks/{name}.{prec}.npz"  # uint8, as scored
         entry["differences"] = _differences(entry["precisions"], metrics)
         if plan[name].scaled:
             entry["scaled_to_data"] = plan[name].scaled

@@ -15,8 +15,12 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-root", help="local folder holding torchvision datasets (same as --set data.root=DIR)")
 
 
-# The defense `edgeveil demo` runs beside the undefended model, and its strength.
-DEMO_DEFENSE = ("cem", 8.0)
+# The defended models `edgeveil demo` runs beside the undefended one: (defense, strength, what it shows).
+# Chosen by measuring candidates on the demo's data and budget (benchmarks/demo_candidates.py).
+DEMO_DEFENSES = (("noise", 0.5, "noise of several int8 steps: protects in float and still on the device"),
+                 ("noise", 0.05, "noise below one int8 output step: rounding on the device erases it"))
+# The demo's budget: the precisions a board runs, attacked on float and int8.
+DEMO_OVERRIDES = ["export.precisions=[fp32,int8]", "attack.precisions=[float,int8]"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,12 +43,12 @@ def _parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="the embedded default end to end (digits, small CNN), undefended and defended")
     d.add_argument("--out", type=Path, default=Path("runs/demo"), help="sweep directory (default runs/demo)")
-    d.add_argument("--defense", default=DEMO_DEFENSE[0],
-                   help=f"the defense run beside the undefended model (default {DEMO_DEFENSE[0]}; 'none' skips it)")
-    d.add_argument("--strength", type=float, default=None,
-                   help=f"its strength (default {DEMO_DEFENSE[1]} for {DEMO_DEFENSE[0]}, else the defense's example)")
+    d.add_argument("--defense", default=None,
+                   help="one defense to run beside the undefended model instead of the demo's two "
+                        + " and ".join(f"({n} {s:g}: {w})" for n, s, w in DEMO_DEFENSES) + "; 'none' runs no defense")
+    d.add_argument("--strength", type=float, default=None, help="its strength (default: the defense's example)")
     d.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="config overrides applied to both runs")
+                   help="config overrides applied to every run")
     r = sub.add_parser("run", help="every stage for one config")
     _add_config_args(r)
     r.add_argument("--out", type=Path, required=True)
@@ -121,22 +125,34 @@ def _run_config(args):
 
 
 def _cmd_demo(args) -> int:
-    """The undefended digits model and one defended beside it, each end to end, then the sweep report."""
+    """The undefended digits model and defended ones beside it, each end to end, then the sweep report."""
+    from edgeveil.cloud_sim.verdict import outcome_word
+
     from .config import load_config
     from .run_all import run_all
     from .sweep import write_sweep_report
 
     progress = not args.no_progress
-    if args.defense != "none":
-        _demo_defense(args.defense)  # an unknown name fails before the first run
-    run_all(load_config(None, args.overrides), args.out / "none", progress=progress)
-    if args.defense != "none":
-        strength = args.strength if args.strength is not None else (
-            DEMO_DEFENSE[1] if args.defense == DEMO_DEFENSE[0] else _demo_defense(args.defense).example_strength)
-        cfg = load_config(None, [*args.overrides, f"defense.name={args.defense}", f"defense.strength={strength}",
+    if args.defense is None:
+        defended = [(n, s) for n, s, _ in DEMO_DEFENSES]
+    elif args.defense == "none":
+        defended = []
+    else:  # an unknown name fails before the first run
+        defended = [(args.defense, args.strength if args.strength is not None
+                     else _demo_defense(args.defense).example_strength)]
+    overrides = [*DEMO_OVERRIDES, *args.overrides]
+    load_config(None, overrides)  # a bad --set fails before the first run
+    verdicts = {"none": run_all(load_config(None, overrides), args.out / "none", progress=progress,
+                                bench_runs=50)["attacks"]["verdict"]}
+    for name, strength in defended:
+        cfg = load_config(None, [*overrides, f"defense.name={name}", f"defense.strength={strength}",
                                  f"attack.baseline={args.out / 'none'}"])
-        run_all(cfg, args.out / args.defense, progress=progress)
+        label = f"{name} {strength:g}"
+        verdicts[label] = run_all(cfg, args.out / f"{name}_{strength:g}", progress=progress,
+                                  bench_runs=50)["attacks"]["verdict"]
     md, html = write_sweep_report(args.out)
+    for label, v in verdicts.items():
+        print(f"{label:>14}: {outcome_word(v)}")
     print(f"wrote {html} (and {md.name}); each run has its own report.html")
     return 0
 

@@ -189,7 +189,8 @@ def _section_verdict(run: Path) -> list[str]:
         what = (f"{c['precision']} − float (tolerance {c['tolerance']:g})" if c["kind"] == "compression"
                 else f"defended − undefended, {c['precision']} (must be below −{c['tolerance']:g})")
         rows.append([c["attack"], label, what, f"{d['mean']:+.4f}", f"{d['ci95'][0]:+.4f} to {d['ci95'][1]:+.4f}",
-                     c["outcome"] if c["kind"] == "compression" or c.get("certifies", True)
+                     c["outcome"] if c["kind"] == "compression" or (c.get("certifies", True) and c.get("binding", True))
+                     else f"{c['outcome']} (reported, not binding)" if c.get("certifies", True)
                      else f"{c['outcome']} (not counted: attack too weak)"])
     if rows:
         lines += [_table(["attack", "metric", "comparison", "difference", "95% CI", "outcome"], rows), ""]
@@ -261,7 +262,7 @@ def _md_to_html(md: str, run: Path) -> str:
     out += ["</table>"] * in_table + ["</ul>"] * in_list
     style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
              "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
-             "text-align:right}th{background:#f3f3f3}pre{background:#f6f6f6;padding:1em;overflow:auto}"
+             "text-align:right}td:last-child{text-align:left}th{background:#f3f3f3}pre{background:#f6f6f6;padding:1em;overflow:auto}"
              "img{max-width:100%}")
     return f"<!doctype html><html><head><meta charset='utf-8'><title>edgeveil report</title><style>{style}</style>" \
            f"</head><body>\n{chr(10).join(out)}\n</body></html>\n"

@@ -44,11 +44,22 @@ def collect(folder: Path) -> list[dict]:
         for prec, a in (manifest or {}).get("artifacts", {}).items():
             accuracy[prec] = a["tail_accuracy"]
         rows.append({"run": run.name, "defense": info["defense"]["name"], "strength": info["defense"]["strength"],
-                     "accuracy": accuracy,
+                     "accuracy": accuracy, "device": _int8_device(_read(run / "device" / "bench.json")),
+                     "grids": [run.name + "/cloud/" + e["grid"] for e in (attacks or {}).get("attacks", {}).values()
+                               if e.get("grid")],
                      "attacks": {n: {p: r["summary"] for p, r in a["precisions"].items()}
                                  for n, a in (attacks or {}).get("attacks", {}).items()},
                      "verdict": (attacks or {}).get("verdict")})
     return rows
+
+
+def _int8_device(bench: dict | None) -> dict | None:
+    """The int8 head on this machine, one thread, XNNPACK as the board would use it: p50 latency and memory."""
+    rows = [r for r in (bench or {}).get("results", []) if r["precision"] == "int8" and r["num_threads"] == 1]
+    if not rows:
+        return None
+    r = next((r for r in rows if r["xnnpack_requested"]), rows[0])
+    return {"p50_us": r["p50_us"], "memory_mb": r["memory_overall_mb"], "model_bytes": r["model_bytes"]}
 
 
 def tradeoff_plot(rows: list[dict], attack: str, path: Path) -> bool:
@@ -102,7 +113,7 @@ def build_sweep_report(folder: Path) -> tuple[str, list[Path]]:
     from .report import _table
 
     folder = Path(folder)
-    rows = collect(folder)
+    rows = sorted(collect(folder), key=lambda r: r["defense"] != "none")  # the baseline first
     if not rows:
         raise FileNotFoundError(f"{folder} holds no trained run directories (subfolders with config.yaml and "
                                 "train/model.json)")
@@ -110,23 +121,35 @@ def build_sweep_report(folder: Path) -> tuple[str, list[Path]]:
     lines = [f"# edgeveil sweep: {folder.name}", "", "## Verdicts", ""]
     verdict_rows = []
     for r in rows:
-        v = r["verdict"]
-        word = outcome_word(v)
-        verdict_rows.append([r["run"], r["defense"], f"{r['strength']:g}", word,
+        v, dev = r["verdict"], r["device"]
+        verdict_rows.append([r["run"], r["defense"], f"{r['strength']:g}", f"**{outcome_word(v)}**",
+                             "-" if r["accuracy"].get("int8") is None else f"{r['accuracy']['int8']:.4f}",
+                             "-" if dev is None else f"{dev['p50_us']:.0f} µs, {dev['memory_mb']:.1f} MB, "
+                                                     f"{dev['model_bytes'] / 1024:.1f} KiB",
                              (v or {}).get("headline", "no attack has run").replace("|", "/")])
-    lines += [_table(["run", "defense", "strength", "privacy after compression", "why"], verdict_rows), ""]
+    lines += [_table(["run", "defense", "strength", "privacy after compression", "int8 accuracy",
+                      "int8 head (p50, memory, file)", "why"], verdict_rows), "",
+              "The int8 head's latency is the median on this machine (one thread, XNNPACK), with the "
+              "interpreter's memory; see each run's report for every artifact.", ""]
+    for r in rows:
+        for grid in r["grids"]:
+            lines += [f"**{r['run']}** ({outcome_word(r['verdict'])}):", "", f"![{r['run']} reconstructions]({grid})", ""]
     header = ["run", "defense", "strength", "float acc", "int8 acc"]
+    def metrics_of(a):
+        found = {m for r in rows for per in r["attacks"].get(a, {}).values() for m in per}
+        return [_X.get(a, _DEFAULT_X)[0]] + (["identification"] if "identification" in found else [])
+
     for a in attacks:
-        metric = _X.get(a, _DEFAULT_X)[0]
-        header += [f"{a} {metric} float", f"{a} {metric} int8"]
+        for metric in metrics_of(a):
+            header += [f"{a} {metric} float", f"{a} {metric} int8"]
     table_rows = []
     for r in rows:
         cells = [r["run"], r["defense"], f"{r['strength']:g}", f"{r['accuracy']['float']:.4f}",
                  "-" if r["accuracy"].get("int8") is None else f"{r['accuracy']['int8']:.4f}"]
         for a in attacks:
-            metric = _X.get(a, _DEFAULT_X)[0]
             per = r["attacks"].get(a, {})
-            cells += [_fmt_summary(per.get("float"), metric), _fmt_summary(per.get("int8"), metric)]
+            for metric in metrics_of(a):
+                cells += [_fmt_summary(per.get("float"), metric), _fmt_summary(per.get("int8"), metric)]
         table_rows.append(cells)
     lines += ["## Accuracy and leakage", "", "Means with 95% bootstrap intervals over the attacked test images.", "",
               _table(header, table_rows), ""]

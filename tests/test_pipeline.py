@@ -63,7 +63,7 @@ def test_ssim_recomputed_by_scikit_image_from_the_saved_reconstructions_agrees(f
     test = load_splits(read_model_info(full_run)).test
     originals = test.x[a["targets"]["indices"]][..., 0].astype(np.float64) / 255
     for prec, r in a["attacks"]["inverse"]["precisions"].items():
-        with np.load(full_run / "cloud" / "attacks" / r["reconstructions"]) as z:
+        with np.load(full_run / "cloud" / r["reconstructions"]) as z:
             recon = z["reconstructions"][:, 0].astype(np.float64) / 255
         sk = np.array([structural_similarity(o, x, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
                                              data_range=1.0) for o, x in zip(originals, recon)])
@@ -150,7 +150,7 @@ def test_demo_runs_a_defense_beside_the_undefended_model_and_judges_it(tmp_path:
     assert attacks["verdict"]["outcome"] in ("survives", "does not survive", "never protected", "inconclusive")
     assert {c["kind"] for c in attacks["verdict"]["checks"]} == {"compression", "defense"}
     md = (tmp_path / "report.md").read_text()
-    assert "| none | none |" in md and "| noise | noise | 2 |" in md
+    assert "| none | none |" in md and "| noise_2 | noise | 2 |" in md
     assert (tmp_path / "plots" / "tradeoff_inverse.png").is_file()
     assert main(["--no-progress", "demo", "--out", str(tmp_path / "x"), "--defense", "nosuch"]) == 1
 

@@ -88,10 +88,20 @@ def test_does_not_survive_when_compression_takes_float_protection_away():
     assert _checks(lost, "defense")["float"]["outcome"] == "holds"
     assert _checks(lost, "defense")["int8"]["outcome"] == "fails"
     assert _checks(lost, "defense", "identification")["int8"]["outcome"] == "fails"
+    assert not _checks(lost, "defense", "identification")["int8"]["binding"]
     assert "compression took that away" in lost["headline"] and "On float features it did" in lost["headline"]
     # protected in float and at int8, but int8 leaks more than float beyond the tolerance: not survived
     leaky = verdict(_attacks(BASE - 0.4, BASE - 0.3, ident=(0.2, 0.3)), None, undefended, defense="noise")
     assert leaky["outcome"] == "does not survive" and leaky["evidence"]["compression_failed"]
+
+
+def test_identification_of_the_task_class_is_reported_but_does_not_bind_the_defense_check():
+    """Digits stay identifiable as digits under any defense that keeps the task working: a defense
+    that cuts the pixels (SSIM) survives although identification stays where it was."""
+    undefended = _attacks(BASE, BASE)
+    v = verdict(_attacks(BASE - 0.3, BASE - 0.3, ident=(0.93, 0.93)), None, undefended, defense="dropout")
+    assert v["outcome"] == "survives"
+    assert _checks(v, "defense", "identification")["int8"]["outcome"] == "fails"
 
 
 def test_never_protected_when_the_defense_does_not_beat_no_defense_in_float():

@@ -63,7 +63,7 @@ def digits_28():
 
 
 # A digits run that trains in seconds: tiny width, two epochs.
-QUICK = ["model.width=tiny", "train.epochs=2", "train.batch_size=32", "train.device=cpu"]
+QUICK = ["model.width=tiny", "train.epochs=4", "train.batch_size=32", "train.device=cpu"]
 
 
 def one_torch_thread():

@@ -61,7 +61,7 @@ def test_attacks_quick(tmp_path):
         for a in r["attacks"].values():
             assert set(a["precisions"]) == {"float", "int8"}
             assert all(p["seconds"] > 0 for p in a["precisions"].values())
-        assert (r["verdict"]["survives"] is None) == (r["defense"] == "none")  # the others judged against none
+        assert (r["verdict"]["outcome"] == "baseline") == (r["defense"] == "none")  # the others judged against none
         assert r["verdict"]["diagnostics"] and all(c["attack"] != "mine" for c in r["verdict"]["checks"])
     md = (out / "attacks_quick.md").read_text()
     for words in ("## Verdicts", "| none | rmle | ssim |", "| cem 8 | pmc | accuracy |", "## Against the published",

@@ -27,7 +27,8 @@ def _01(images_u8):
     return images_u8.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
 
 
-def test_evaluator_identifies_held_out_digits_and_is_trained_once(digits_splits):
+def test_evaluator_identifies_held_out_digits_and_is_trained_once(digits_splits, tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGEVEIL_CACHE", str(tmp_path))  # an empty cache: this test trains, whatever ran before
     s = digits_splits
     first = ev_mod.get_evaluator(s.evaluator.x, s.evaluator.y, 10, progress=False)
     assert not first.info.get("cached") and first.info["trained_on"] == len(s.evaluator) - len(s.evaluator) // 10

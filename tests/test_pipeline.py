@@ -145,7 +145,7 @@ def test_demo_runs_a_defense_beside_the_undefended_model_and_judges_it(tmp_path:
     sets = [a for s in [*FAST, "export.precisions=[int8]", "attack.precisions=[float,int8]"] for a in ("--set", s)]
     assert main(["--no-progress", "demo", "--out", str(tmp_path), "--defense", "noise", "--strength", "2.0",
                  *sets]) == 0
-    attacks = json.loads((tmp_path / "noise" / "cloud" / "attacks.json").read_text())
+    attacks = json.loads((tmp_path / "noise_2" / "cloud" / "attacks.json").read_text())
     assert attacks["verdict"]["baseline"]
     assert attacks["verdict"]["outcome"] in ("survives", "does not survive", "never protected", "inconclusive")
     assert {c["kind"] for c in attacks["verdict"]["checks"]} == {"compression", "defense"}

@@ -215,8 +215,12 @@ def _outlier_head(run: Path, bias: float) -> None:
 
 @pytest.mark.slow
 @pytest.mark.convert
-def test_noise_below_one_step_protects_in_float_but_not_on_the_device(tmp_path):
-    """Same head for both runs, so the only difference is the runtime noise."""
+def test_noise_below_one_step_is_flagged_and_an_int8_that_hides_the_baseline_certifies_nothing(tmp_path):
+    """Same head for both runs, so the only difference is the runtime noise. The outlier channel
+    makes one int8 output step large, so a tenth of a step is real noise in float; but the same
+    coarse step rounds away most of what the undefended head's features carry, so at int8 no
+    attack proves its power on the baseline. The honest verdict is inconclusive, with the float
+    claim, the int8 failure and the erased noise all on record, never "survives"."""
     base, noisy = tmp_path / "none", tmp_path / "noise"
     _cli("train", "--out", str(base), *_sets(*FAST))
     _outlier_head(base, 1200.0)
@@ -233,12 +237,14 @@ def test_noise_below_one_step_protects_in_float_but_not_on_the_device(tmp_path):
     _cli("attack", str(noisy), *_sets(*FAST, f"attack.baseline={base}"))
     v = json.loads((noisy / "cloud" / "attacks.json").read_text())["verdict"]
     print(json.dumps(v, indent=1))
+    power = v["power"]["by_attack"]["inverse"]
+    assert power["float"]["proven"] and not power["int8"]["proven"]
     defense = {c["precision"]: c for c in v["checks"] if c["kind"] == "defense" and c["metric"] == "ssim"}
-    assert v["outcome"] == "does not survive"
     assert defense["float"]["outcome"] == "holds"   # the float evaluation claims protection
-    assert defense["int8"]["outcome"] == "fails"    # the device's features leak like no defense
+    assert defense["int8"]["outcome"] == "fails"    # the device's features are no noisier than the baseline's
+    assert v["outcome"] == "inconclusive" and "compressed precision" in v["headline"]
     assert any("erased by rounding" in f for f in v["flags"])
     _cli("report", str(tmp_path))                   # the sweep report over both runs
     md = (tmp_path / "report.md").read_text()
-    assert "does NOT survive" in md and (tmp_path / "plots" / "tradeoff_inverse.png").is_file()
-    assert "does NOT survive" in (noisy / "report.md").read_text().split("## Model")[0]
+    assert "inconclusive" in md and (tmp_path / "plots" / "tradeoff_inverse.png").is_file()
+    assert "erased by rounding" in (noisy / "report.md").read_text()

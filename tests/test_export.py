@@ -569,7 +569,7 @@ def _trained_run(root: Path) -> Path:
     params = list(model.head.parameters()) + list(model.tail.parameters())
     optimizer = torch.optim.Adam(params, lr=3e-3)
     model.head.train(), model.tail.train()
-    for step in range(60):
+    for step in range(150):
         idx = torch.randint(0, len(x), (128,))
         loss = nn.functional.cross_entropy(model.tail(model.head(x[idx])), y[idx])
         optimizer.zero_grad(), loss.backward(), optimizer.step()
@@ -620,7 +620,9 @@ def test_export_run_artifacts_match_pytorch(exported):
     assert int8["inputs"][0]["dtype"] == "int8" and int8["outputs"][0]["scale"] > 0
     assert set(int8["operators"]) <= BUILTINS and int8["output_layout"] == "NHWC"
     assert int8["float_accuracy"] > 0.5  # the quickly fitted tail learned something
-    assert fp32["tail_accuracy"] == pytest.approx(fp32["float_accuracy"], abs=0.01)
+    # Same seed, but the fp32 artifact's noise is drawn in NHWC and PyTorch's in NCHW: two independent
+    # draws of sigma 0.1, which move a few of the 359 test images across the boundary.
+    assert fp32["tail_accuracy"] == pytest.approx(fp32["float_accuracy"], abs=0.02)
     assert int8["tail_accuracy"] == pytest.approx(int8["float_accuracy"], abs=0.05)
     assert int8["interpreter"]["xnnpack"] is True
 

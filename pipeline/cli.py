@@ -68,6 +68,11 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     rp = sub.add_parser("report", help="report.md and report.html for a run, or for a folder of runs (a sweep, with trade-off plots)")
     rp.add_argument("run_dir", type=Path)
+    sw = sub.add_parser("sweep", help="a grid of runs as Ray tasks: a local Ray by default, a cluster given --address")
+    sw.add_argument("--config", type=Path, required=True, help="sweep file (grid, base config, stages)")
+    sw.add_argument("--out", type=Path, required=True, help="sweep folder: one run directory per cell")
+    sw.add_argument("--address", help="a running Ray cluster (host:port); default: start a local Ray and stop it")
+    sw.add_argument("--max-parallel", type=int, help="at most this many cells at once (default: what the CPUs allow)")
     return p
 
 
@@ -234,6 +239,32 @@ def _cmd_report(args) -> int:
     return 0
 
 
+def _cmd_sweep(args) -> int:
+    from .ray_sweep import run_sweep
+
+    record = run_sweep(args.config, args.out, address=args.address, max_parallel=args.max_parallel,
+                       progress=not args.no_progress)
+    from edgeveil.cloud_sim.verdict import outcome_word
+
+    for name, state in record["cells_state"].items():
+        verdict = _read_verdict(args.out / name)
+        what = state.get("error") if state["status"] == "failed" else outcome_word(verdict) if verdict else state["status"]
+        print(f"{name}: {state['status']}: {what}")
+    print(f"wrote {args.out / 'report.html'} and {args.out / 'sweep.json'} ({record['seconds']:.0f} s, "
+          f"{record['parallel']} cells at a time, Ray {record['address']})")
+    if record["failed"]:
+        print(f"edgeveil sweep: {len(record['failed'])} cell(s) failed: {', '.join(record['failed'])}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _read_verdict(run_dir: Path) -> dict | None:
+    import json
+
+    path = run_dir / "cloud" / "attacks.json"
+    return json.loads(path.read_text()).get("verdict") if path.is_file() else None
+
+
 def _cmd_list(args) -> int:
     if args.what == "defenses":
         from edgeveil.training.defenses import names
@@ -262,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     handlers = {"train": _cmd_train, "export": _cmd_export, "list": _cmd_list, "demo": _cmd_demo,
                 "run": _cmd_run, "bench": _cmd_bench, "serve": _cmd_serve, "attack": _cmd_attack,
-                "report": _cmd_report}
+                "report": _cmd_report, "sweep": _cmd_sweep}
     from .config import ConfigError
 
     try:

@@ -28,7 +28,7 @@ def find_runs(folder: Path) -> list[Path]:
 def _read(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
-    except FileNotFoundError:
+    except (FileNotFoundError, ValueError):  # not there yet, or left half-written by a failed run
         return None
 
 
@@ -107,6 +107,13 @@ def _fmt_summary(s: dict | None, metric: str) -> str:
     return f"{m['mean']:.3f} ({m['ci95'][0]:.3f}–{m['ci95'][1]:.3f})"
 
 
+def _failed_cells(folder: Path) -> dict[str, str]:
+    """Cells `edgeveil sweep` recorded as failed (sweep.json), with their errors."""
+    record = _read(folder / "sweep.json") or {}
+    return {name: st.get("error", "failed") for name, st in record.get("cells_state", {}).items()
+            if st.get("status") == "failed"}
+
+
 def build_sweep_report(folder: Path) -> tuple[str, list[Path]]:
     from edgeveil.cloud_sim.verdict import outcome_word
 
@@ -118,7 +125,12 @@ def build_sweep_report(folder: Path) -> tuple[str, list[Path]]:
         raise FileNotFoundError(f"{folder} holds no trained run directories (subfolders with config.yaml and "
                                 "train/model.json)")
     attacks = list(dict.fromkeys(a for r in rows for a in r["attacks"]))
-    lines = [f"# edgeveil sweep: {folder.name}", "", "## Verdicts", ""]
+    lines = [f"# edgeveil sweep: {folder.name}", ""]
+    failed = _failed_cells(folder)
+    if failed:
+        lines += ["## Failed cells", "", "Retried once, then recorded; the other cells ran on.", "",
+                  *[f"- **{name}**: {error}" for name, error in failed.items()], ""]
+    lines += ["## Verdicts", ""]
     verdict_rows = []
     for r in rows:
         v, dev = r["verdict"], r["device"]

@@ -158,12 +158,18 @@ class AttackResult:
 
 
 class Attack:
-    """Subclasses set the class attributes, declare OPTIONS (name -> default) and implement run()."""
+    """Subclasses set the class attributes, declare OPTIONS (name -> default) and implement run().
+
+    description: one line for `edgeveil list attacks` and attacks.json (the registry reads it here).
+    TINY_OPTIONS: overrides of OPTIONS that make a run take a second or two on a tiny victim: the
+    contract tests (tests/test_attack_contract.py) run every registered attack with them.
+    """
     name: ClassVar[str] = "base"
     description: ClassVar[str] = ""
     paper: ClassVar[str] = "-"
     threat_model: ClassVar[ThreatModel] = ThreatModel(False, False, "none", 0)
     OPTIONS: ClassVar[dict[str, Any]] = {}
+    TINY_OPTIONS: ClassVar[dict[str, Any]] = {}
 
     @property
     def wants_victim_images(self) -> bool:

@@ -33,6 +33,9 @@ class Registry(dict):
         for name, target in targets.items():
             self.register(name, target)
 
+    def __reduce__(self):  # copy and pickle rebuild it through __init__, checks included
+        return type(self), (self.kind, self.field, self.attr, dict(self))
+
     def register(self, name: str, target: str) -> None:
         """Add `name`; a taken name or a target not shaped 'package.module:attr' is refused."""
         if name in self:

@@ -37,15 +37,21 @@ Diagnostics (MINE's mutual information) get the same two differences, under "dia
 judged: their interval covers held-out batches of one critic, not the critic's own training.
 
     verdict(attacks_json, tolerance, baseline=None, defense=None, power=0.8) -> {"outcome", "headline", ...}
+
+Inside, the decision and its prose are apart: `decide(...)` computes a `Decision` (the outcome,
+the checks that decided it, what is missing, the evidence), and `headline(decision)` writes every
+sentence from that alone.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
 from . import metrics
 
 __all__ = ["DEFENSE_METRICS", "DIAGNOSTIC_METRICS", "LEAKAGE_METRICS", "DEFAULT_TOLERANCE", "DEFAULT_POWER", "OUTCOMES",
-           "attack_power", "outcome_word", "verdict"]
+           "Decision", "attack_power", "decide", "headline", "outcome_word", "verdict"]
 
 # metric -> (tolerance key, label, format)
 LEAKAGE_METRICS = {"ssim": ("ssim", "SSIM", "+.4f"), "psnr": ("psnr", "PSNR (dB)", "+.2f"),
@@ -76,12 +82,29 @@ def verdict(attacks: dict, tolerance: dict | None = None, baseline: dict | None 
     reference = attacks if undefended else baseline
     powers = attack_power(reference, power) if reference is not None else {}
     same_targets = baseline is not None and _indices(attacks) is not None and _indices(attacks) == _indices(baseline)
+    checks, diagnostics = _all_checks(attacks, None if undefended else baseline, powers, same_targets, tol)
+    decision = decide(checks, powers, defense, baseline is not None, attacks, power)
+    return {"schema": "edgeveil.verdict/2", "defense": defense, "tolerance": tol,
+            "power": {"threshold": power, "by_attack": powers,
+                      "judged_on": "this run" if undefended else "the undefended baseline" if baseline else None},
+            "baseline": baseline is not None, "paired_with_baseline": same_targets, **decision.to_json(),
+            "checks": checks, "diagnostics": diagnostics, "flags": decision.flags,
+            "survives": _SURVIVES.get(decision.outcome), "headline": headline(decision)}
+
+
+_SURVIVES = {"survives": True, "does not survive": False, "never protected": False}
+
+
+def _all_checks(attacks: dict, baseline: dict | None, powers: dict, same_targets: bool,
+                tol: dict) -> tuple[list[dict], list[dict]]:
+    """(judged checks, diagnostic ones) of every attack and metric; defense checks only given a baseline
+    (None for an undefended run). Each check says whether its attack proved its power there."""
     checks, diagnostics = [], []
     for name, entry in attacks["attacks"].items():
         for metric in _metrics(entry):
             diagnostic = metric in DIAGNOSTIC_METRICS
             found = _compression(name, entry, metric, tol)
-            if baseline is not None and not undefended:
+            if baseline is not None:
                 base = baseline["attacks"].get(name)
                 found += (_defense(name, entry, base, metric, same_targets, tol) if base and base.get("precisions")
                           else [] if diagnostic else [_missing(name, metric)])
@@ -90,15 +113,7 @@ def verdict(attacks: dict, tolerance: dict | None = None, baseline: dict | None 
                     c.update(outcome="not judged", tolerance=None)
                 c["certifies"] = bool(powers.get(name, {}).get(c["precision"], {}).get("proven"))
             (diagnostics if diagnostic else checks).extend(found)
-    decision = _decide(checks, powers, defense, baseline is not None, attacks)
-    out = {"schema": "edgeveil.verdict/2", "defense": defense, "tolerance": tol,
-           "power": {"threshold": power, "by_attack": powers,
-                     "judged_on": "this run" if undefended else "the undefended baseline" if baseline else None},
-           "baseline": baseline is not None, "paired_with_baseline": same_targets, **decision,
-           "checks": checks, "diagnostics": diagnostics, "flags": _flags(attacks)}
-    out["survives"] = {"survives": True, "does not survive": False, "never protected": False}.get(out["outcome"])
-    out["headline"] = headline(out)
-    return out
+    return checks, diagnostics
 
 
 # ---------------------------------------------------------------- attack power
@@ -222,50 +237,148 @@ def _flags(attacks: dict) -> list[str]:
 # ---------------------------------------------------------------- the decision
 
 
-def _decide(checks: list[dict], powers: dict, defense: str | None, has_baseline: bool, attacks: dict) -> dict:
-    """{"outcome", "missing", "weak", "errors", "evidence": {...}}: what was decided and on what."""
-    errors = [f"{n}: {e['error']}" for n, e in attacks["attacks"].items() if e.get("error")]
-    skipped = [f"{n}: {e['skipped']}" for n, e in attacks["attacks"].items() if e.get("skipped")]
+@dataclass
+class Decision:
+    """What the verdict decided and on what: the only input the prose (`headline`) reads.
+
+    outcome: one of OUTCOMES. decided_by: the checks that settled it (attack, metric, precision,
+    the difference and its interval); empty for "baseline" and "inconclusive", where `missing` says
+    what would have settled it. evidence: the check lists behind the outcome. weak: attacks too weak
+    to certify at some precision, with their figures in weak_power (attack -> precision -> figures)
+    against `threshold`. compression: how many compression checks hold, fail, are uncertain.
+    """
+    outcome: str
+    defense: str | None
+    missing: list[str]
+    weak: list[str]
+    errors: list[str]
+    skipped: list[str]
+    evidence: dict
+    decided_by: list[dict]
+    compression: dict
+    weak_power: dict
+    threshold: float
+    flags: list[str]
+
+    def to_json(self) -> dict:
+        """The fields the verdict stores beside its checks (in attacks.json's `verdict`)."""
+        return {"outcome": self.outcome, "missing": self.missing, "weak": self.weak, "errors": self.errors,
+                "skipped": self.skipped, "evidence": self.evidence, "decided_by": self.decided_by,
+                "compression": self.compression}
+
+
+def decide(checks: list[dict], powers: dict, defense: str | None, has_baseline: bool, attacks: dict,
+           threshold: float = DEFAULT_POWER) -> Decision:
+    """The decision (module docstring) from the checks and attack power, before any prose."""
     weak = sorted({n for n, by in powers.items() for p in by.values() if not p["proven"]})
-    proven = sorted({n for n, by in powers.items() if any(p["proven"] for p in by.values())})
-    comp_failed = [c for c in checks if c["kind"] == "compression" and c["outcome"] == "fails"]
+    at_float, compressed = _certified(checks)
+    evidence = _evidence(checks, powers, at_float, compressed)
+    outcome, missing, decided_by = _outcome(evidence, at_float, compressed, weak, defense, has_baseline)
+    comp = [c["outcome"] for c in checks if c["kind"] == "compression"]
+    return Decision(outcome=outcome, defense=defense, missing=missing, weak=weak,
+                    errors=_attack_notes(attacks, "error"), skipped=_attack_notes(attacks, "skipped"),
+                    evidence=evidence, decided_by=[_reference(c) for c in decided_by],
+                    compression={o: comp.count(o) for o in ("holds", "fails", "uncertain")},
+                    weak_power={n: by for n, by in powers.items() if n in weak}, threshold=threshold,
+                    flags=_flags(attacks))
+
+
+def _attack_notes(attacks: dict, key: str) -> list[str]:
+    """'name: why' for every attack whose entry carries `key` ("error" or "skipped")."""
+    return [f"{n}: {e[key]}" for n, e in attacks["attacks"].items() if e.get(key)]
+
+
+def _certified(checks: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(at float, at compressed precisions): the binding defense checks of an attack that proved its
+    power at that precision, the only ones that can certify a defense."""
     certified = [c for c in checks if c["kind"] == "defense" and c["precision"] is not None and c["certifies"]
                  and c.get("binding", True)]
-    at_float = [c for c in certified if c["precision"] == "float"]
-    compressed = [c for c in certified if c["precision"] != "float"]
+    return [c for c in certified if c["precision"] == "float"], [c for c in certified if c["precision"] != "float"]
+
+
+def _evidence(checks: list[dict], powers: dict, at_float: list[dict], compressed: list[dict]) -> dict:
+    """The check lists the outcome is decided on; lost: compressed checks that fail where float held."""
     held_float = {(c["attack"], c["metric"]) for c in at_float if c["outcome"] == "holds"}
-    lost = [c for c in compressed if c["outcome"] == "fails" and (c["attack"], c["metric"]) in held_float]
-    evidence = {"compression_failed": comp_failed, "lost": lost,
-                "float_failed": [c for c in at_float if c["outcome"] == "fails"],
-                "compressed_failed": [c for c in compressed if c["outcome"] == "fails"],
-                "certified": len(certified), "proven": proven}
-    missing = []
+    return {"compression_failed": [c for c in checks if c["kind"] == "compression" and c["outcome"] == "fails"],
+            "lost": [c for c in compressed if c["outcome"] == "fails" and (c["attack"], c["metric"]) in held_float],
+            "float_failed": [c for c in at_float if c["outcome"] == "fails"],
+            "compressed_failed": [c for c in compressed if c["outcome"] == "fails"],
+            "certified": len(at_float) + len(compressed),
+            "proven": sorted({n for n, by in powers.items() if any(p["proven"] for p in by.values())})}
+
+
+def _outcome(ev: dict, at_float: list[dict], compressed: list[dict], weak: list[str], defense: str | None,
+             has_baseline: bool) -> tuple[str, list[str], list[dict]]:
+    """(outcome, what is missing, the checks that decided it)."""
     if defense in (None, "none"):
-        outcome = "baseline"
-    elif not has_baseline:
-        outcome, missing = "inconclusive", ["an undefended baseline trained the same way (attack.baseline)"]
-    elif not certified:
-        outcome = "inconclusive"
-        missing = [("an attack that proves its power on the undefended baseline; too weak there: "
-                    + ", ".join(weak)) if weak else "an attack with a power test (a reconstruction attack "
-                   "scored by the evaluator, or a completion attack) that ran on both runs"]
-    elif not compressed:
-        outcome, missing = "inconclusive", ["a compressed precision attacked by an attack that proved its power"]
-    else:
-        protected_float = bool(at_float) and all(c["outcome"] == "holds" for c in at_float)
-        if protected_float and not comp_failed and not evidence["compressed_failed"]:
-            outcome = "survives"
-        elif lost or (protected_float and comp_failed):
-            outcome = "does not survive"
-        elif not at_float:
-            outcome, missing = "inconclusive", ["an attack that proves its power on float features of the baseline"]
-        else:
-            outcome = "never protected"
-    return {"outcome": outcome, "missing": missing, "weak": weak, "errors": errors, "skipped": skipped,
-            "evidence": evidence}
+        return "baseline", [], []
+    if not has_baseline:
+        return "inconclusive", ["an undefended baseline trained the same way (attack.baseline)"], []
+    if not ev["certified"]:
+        return "inconclusive", [_MISSING_POWER.format(", ".join(weak)) if weak else _MISSING_POWER_TEST], []
+    if not compressed:
+        return "inconclusive", ["a compressed precision attacked by an attack that proved its power"], []
+    protected_float = bool(at_float) and all(c["outcome"] == "holds" for c in at_float)
+    if protected_float and not ev["compression_failed"] and not ev["compressed_failed"]:
+        return "survives", [], compressed
+    if ev["lost"] or (protected_float and ev["compression_failed"]):
+        return "does not survive", [], ev["lost"] + ev["compression_failed"]
+    if not at_float:
+        return "inconclusive", ["an attack that proves its power on float features of the baseline"], []
+    return "never protected", [], ev["float_failed"]
 
 
-# ---------------------------------------------------------------- the prose, made from the decision
+_MISSING_POWER = "an attack that proves its power on the undefended baseline; too weak there: {}"
+_MISSING_POWER_TEST = ("an attack with a power test (a reconstruction attack scored by the evaluator, or a "
+                       "completion attack) that ran on both runs")
+
+
+def _reference(c: dict) -> dict:
+    """A check, as the decision cites it: which attack, metric and precision, and the numbers."""
+    d = c["difference"]
+    return {"attack": c["attack"], "metric": c["metric"], "kind": c["kind"], "precision": c["precision"],
+            "outcome": c["outcome"], "difference": d["mean"], "ci95": d["ci95"], "of": d["of"],
+            "tolerance": c["tolerance"]}
+
+
+# ---------------------------------------------------------------- the prose, made from the decision only
+
+
+_OPENINGS = {
+    "baseline": "No defense: this run measures how much the features leak, whether int8 changes that, "
+                "and which attacks are strong enough to certify a defense.",
+    "inconclusive": "Inconclusive for `{defense}`: missing {missing}.",
+    "survives": "Privacy survives compression: on the compressed features the device sent, `{defense}` beats "
+                "no defense under every attack that proved its power ({proven}), as it did in float, and no "
+                "attack leaks more than on float features beyond the tolerance.",
+    "does not survive": "Privacy does NOT survive compression for `{defense}`: it protected in float, and "
+                        "compression took that away.",
+    "never protected": "`{defense}` never protected: even on float features it does not beat no defense under "
+                       "every attack that proved its power, so this is a defense problem, not a compression "
+                       "problem.",
+}
+
+
+def headline(d: Decision) -> str:
+    """The verdict in sentences, made only from the decision."""
+    ev = d.evidence
+    out = [_OPENINGS[d.outcome].format(defense=d.defense, missing="; ".join(d.missing),
+                                       proven=", ".join(ev["proven"]))]
+    out += [_check_line(c) + " On float features it did." for c in ev["lost"]]
+    out += [_check_line(c) for c in ev["compression_failed"]]
+    if d.outcome == "never protected":
+        out += [_check_line(c) for c in ev["float_failed"]]
+    if d.weak_power:
+        out.append(f"Too weak to certify (below {100 * d.threshold:.0f}% on the undefended model at some precision): "
+                   + "; ".join(_power_line(n, by) for n, by in d.weak_power.items()) + ".")
+    if d.outcome == "baseline":
+        c = d.compression
+        out.append(f"Compression checks: {c['holds']} of {sum(c.values())} hold, {c['fails']} fail, "
+                   f"{c['uncertain']} uncertain.")
+    out += [f"Attack failed: {e}." for e in d.errors]
+    out += [f"Skipped, this data is too small for it: {e}." for e in d.skipped]
+    out += [f"Warning: {f}." for f in d.flags]
+    return " ".join(out)
 
 
 def _check_line(c: dict) -> str:
@@ -288,40 +401,3 @@ def _power_line(name: str, by_prec: dict) -> str:
             parts.append(f"{prec}: {what} {p['value']:.3f} against {p['reference']:.3f} "
                          f"({100 * p['ratio']:.0f}%)")
     return f"{name} ({'; '.join(parts)})"
-
-
-def headline(v: dict) -> str:
-    """The verdict in sentences, made only from the decision and its evidence."""
-    ev, defense, outcome = v["evidence"], v["defense"], v["outcome"]
-    threshold = v["power"]["threshold"]
-    lines = {
-        "baseline": "No defense: this run measures how much the features leak, whether int8 changes that, "
-                    "and which attacks are strong enough to certify a defense.",
-        "inconclusive": f"Inconclusive for `{defense}`: missing " + "; ".join(v["missing"]) + ".",
-        "survives": f"Privacy survives compression: on the compressed features the device sent, `{defense}` beats "
-                    f"no defense under every attack that proved its power ({', '.join(ev['proven'])}), as it did "
-                    "in float, and no attack leaks more than on float features beyond the tolerance.",
-        "does not survive": f"Privacy does NOT survive compression for `{defense}`: it protected in float, and "
-                            "compression took that away.",
-        "never protected": f"`{defense}` never protected: even on float features it does not beat no defense "
-                           "under every attack that proved its power, so this is a defense problem, not a "
-                           "compression problem.",
-    }
-    out = [lines[outcome]]
-    out += [_check_line(c) + " On float features it did." for c in ev["lost"]]
-    out += [_check_line(c) for c in ev["compression_failed"]]
-    if outcome == "never protected":
-        out += [_check_line(c) for c in ev["float_failed"]]
-    weak = {n: by for n, by in v["power"]["by_attack"].items() if n in v["weak"]}
-    if weak:
-        out.append(f"Too weak to certify (below {100 * threshold:.0f}% on the undefended model at some precision): "
-                   + "; ".join(_power_line(n, by) for n, by in weak.items()) + ".")
-    if outcome == "baseline":
-        comp = [c for c in v["checks"] if c["kind"] == "compression"]
-        held = sum(c["outcome"] == "holds" for c in comp)
-        out.append(f"Compression checks: {held} of {len(comp)} hold, {len(ev['compression_failed'])} fail, "
-                   f"{len(comp) - held - len(ev['compression_failed'])} uncertain.")
-    out += [f"Attack failed: {e}." for e in v["errors"]]
-    out += [f"Skipped, this data is too small for it: {e}." for e in v.get("skipped", [])]
-    out += [f"Warning: {f}." for f in v["flags"]]
-    return " ".join(out)

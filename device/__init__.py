@@ -3,7 +3,8 @@
 interpreter: find an interpreter, load a model.   quant: affine quantization as TFLite does it.
 manifest: the export manifest.   runner: raw pixels -> the head's features, with inference noise.
 bench: device benchmark.   wire: authenticated feature frames.   client: HTTP client for the cloud.
+registry: name -> component lookups that every stage shares (defenses, attacks, archs).
 Nothing is imported here: `import edgeveil.device.runner` etc. loads what it needs.
 """
 
-__all__ = ["interpreter", "quant", "manifest", "runner", "bench", "wire", "client"]
+__all__ = ["interpreter", "quant", "manifest", "runner", "bench", "wire", "client", "registry"]

@@ -310,10 +310,8 @@ class _Features:
 def _attack_entry(name: str, attack, features: _Features, inputs: _Inputs, folder: Path, artifact_ids: dict,
                   seed: int, progress: bool) -> tuple[dict, dict]:
     """One attack on every precision, finished ones read back from `folder`; (entry, reconstructions)."""
-    from edgeveil.cloud_sim.attacks import ATTACKS
-
-    entry = {"threat_model": attack.threat_model.describe(), "description": ATTACKS[name][1],
-             "paper": ATTACKS[name][2], "options": attack.options, "precisions": {}}
+    entry = {"threat_model": attack.threat_model.describe(), "description": attack.description,
+             "paper": attack.paper, "options": attack.options, "precisions": {}}
     recons = {}
     for prec, victim in features.victims.items():
         stem = f"{name}.{prec}"

@@ -165,14 +165,9 @@ def _cmd_demo(args) -> int:
 
 
 def _demo_defense(name: str):
-    from edgeveil.training.defenses import DEFENSES
+    from edgeveil.training.defenses import load
 
-    if name not in DEFENSES:
-        raise ValueError(f"--defense must be one of {', '.join(DEFENSES)}, got {name!r}")
-    module, _, cls = DEFENSES[name][0].partition(":")
-    import importlib
-
-    return getattr(importlib.import_module(module), cls)
+    return load(name, field="--defense")
 
 
 def _cmd_run(args) -> int:

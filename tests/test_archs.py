@@ -45,9 +45,9 @@ def test_registry_lists_every_arch_with_a_description():
 
 def test_register_refuses_a_duplicate_and_a_malformed_target():
     with pytest.raises(ValueError, match="already registered"):
-        archs.register("smallcnn", "edgeveil.training.archs.smallcnn:build", "again")
+        archs.register("smallcnn", "edgeveil.training.archs.smallcnn:build")
     with pytest.raises(ValueError, match="module:builder"):
-        archs.register("brand_new_arch", "no_colon_here", "bad target")
+        archs.register("brand_new_arch", "no_colon_here")
     assert "brand_new_arch" not in archs.ARCHS
 
 

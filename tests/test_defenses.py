@@ -9,7 +9,6 @@ distinct head structure.
 from __future__ import annotations
 
 import copy
-import importlib
 import io
 import json
 import math
@@ -68,8 +67,7 @@ def _built(name: str):
 
 
 def _cls(name: str):
-    module, _, cls = defenses.DEFENSES[name][0].partition(":")
-    return getattr(importlib.import_module(module), cls)
+    return defenses.load(name)
 
 
 @pytest.fixture(scope="module")
@@ -117,10 +115,9 @@ def _same(a, b) -> bool:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_registry_entry_describes_the_class(name):
-    target, description, paper = defenses.DEFENSES[name]
     cls = _cls(name)
-    assert cls.name == name and description and "\n" not in description and paper
-    assert cls.description and "\n" not in cls.description
+    assert cls.name == name and cls.paper
+    assert defenses.DEFENSES.describe(name) == cls.description  # one line, from the class only
     if name != "none":
         assert cls.TARGET_DIRECTION in ("up", "down"), f"{name} must declare TARGET_DIRECTION"
         assert cls.example_strength > 0 and cls.paper != "-"

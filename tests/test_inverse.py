@@ -16,6 +16,7 @@ from edgeveil.cloud_sim.attacks import base, inverse  # noqa: E402
 from edgeveil.cloud_sim.attacks.base import AttackContext  # noqa: E402
 from edgeveil.cloud_sim.attacks.inverse import InverseAttack, build_decoder  # noqa: E402
 from edgeveil.cloud_sim.grid import save_grid  # noqa: E402
+from edgeveil.device.registry import Registry  # noqa: E402
 from edgeveil.training import archs  # noqa: E402
 
 # Few epochs, a narrow decoder and a brisk lr: seconds on one CPU thread.
@@ -214,13 +215,13 @@ def test_context_reports_every_problem():
 def test_threat_model_and_registry_helpers():
     assert InverseAttack.threat_model.describe() == (
         "no head weights, query access, same-distribution auxiliary data, 0 labels")
-    registry: dict = {}
-    base.register(registry, "inverse", "edgeveil.cloud_sim.attacks.inverse:InverseAttack", "d", "p")
-    with pytest.raises(ValueError, match="taken"):
-        base.register(registry, "inverse", "x.y:Z", "d")
-    assert isinstance(base.create(registry, "inverse", epochs=1), InverseAttack)
-    with pytest.raises(ValueError, match="among inverse, got 'rmle'"):
-        base.create(registry, "rmle")
+    registry = Registry("attack", "attack.names", "Class",
+                        {"inverse": "edgeveil.cloud_sim.attacks.inverse:InverseAttack"})
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register("inverse", "x.y:Z")
+    assert registry.load("inverse") is InverseAttack and registry.describe("inverse") == InverseAttack.description
+    with pytest.raises(ValueError, match="attack.names must be one of inverse, got 'rmle'"):
+        registry.load("rmle")
 
 
 def _png_size(path) -> tuple[int, int]:

@@ -113,7 +113,7 @@ def test_report_of_a_partial_run_says_what_is_missing(tmp_path: Path, full_run: 
 def test_attack_command_runs_a_named_subset_and_refuses_unknown(full_run: Path, capsys):
     assert main(["--no-progress", "attack", str(full_run), "--attacks", "nosuch"]) == 1
     err = capsys.readouterr().err
-    assert "attack.names must be among inverse, rmle" in err and "got 'nosuch'" in err
+    assert "attack.names must be one of inverse, rmle" in err and "got 'nosuch'" in err
 
 
 def test_attacks_resume_finished_work_and_redo_what_changed(full_run: Path, tmp_path: Path):

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import QUICK
-from edgeveil.cloud_sim.verdict import verdict
+from edgeveil.cloud_sim.verdict import decide, headline, verdict
 
 
 def _prec(values: dict[str, np.ndarray]) -> dict:
@@ -93,6 +93,24 @@ def test_does_not_survive_when_compression_takes_float_protection_away():
     # protected in float and at int8, but int8 leaks more than float beyond the tolerance: not survived
     leaky = verdict(_attacks(BASE - 0.4, BASE - 0.3, ident=(0.2, 0.3)), None, undefended, defense="noise")
     assert leaky["outcome"] == "does not survive" and leaky["evidence"]["compression_failed"]
+
+
+def test_the_decision_names_what_decided_and_the_prose_is_made_from_it_alone():
+    undefended = _attacks(BASE, BASE)
+    defended = _attacks(BASE - 0.3, BASE, ident=(0.3, 0.93))
+    v = verdict(defended, None, undefended, defense="noise")
+    first, *also = v["decided_by"]  # the int8 SSIM check that lost float's protection, then the leaks
+    assert [first[k] for k in ("attack", "metric", "precision", "kind")] == ["inverse", "ssim", "int8", "defense"]
+    assert first["outcome"] == "fails" and first["difference"] == _checks(v, "defense")["int8"]["difference"]["mean"]
+    assert [(c["metric"], c["kind"], c["difference"]) for c in also] == [
+        (c["metric"], "compression", c["difference"]["mean"]) for c in v["evidence"]["compression_failed"]]
+    assert v["compression"] == {"holds": 0, "fails": 2, "uncertain": 0}
+    decision = decide(v["checks"], v["power"]["by_attack"], "noise", True, defended, v["power"]["threshold"])
+    assert headline(decision) == v["headline"]
+    decision.defense, decision.errors = "renamed", ["inverse: RuntimeError: out of memory"]  # the prose follows
+    assert "for `renamed`" in headline(decision) and "Attack failed: inverse: RuntimeError" in headline(decision)
+    baseline = verdict(undefended, None)
+    assert baseline["decided_by"] == [] and baseline["outcome"] == "baseline"
 
 
 def test_identification_of_the_task_class_is_reported_but_does_not_bind_the_defense_check():

@@ -1,4 +1,4 @@
-"""The interface every attack implements, and the helpers behind the registry in __init__.
+"""The interface every attack implements, and the helpers attacks share.
 
 Shapes (numpy float32): aux_images (N, C, H, W) and target_images (M, C, H, W) in [0, 1];
 aux_features (N, C', H', W') and target_features (M, C', H', W'), both through the same head
@@ -6,7 +6,6 @@ artifact (dequantized int8, or float); reconstructions (M, C, H, W) in [0, 1]. n
 """
 from __future__ import annotations
 
-import importlib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
@@ -14,7 +13,7 @@ from typing import Any, Callable, ClassVar
 import numpy as np
 
 __all__ = ["ThreatModel", "Victim", "Attack", "AttackContext", "AttackResult", "resolve_device", "is_int", "is_number",
-           "option_problems", "POSITIVE", "NON_NEGATIVE", "FRACTION", "register", "load", "create"]
+           "option_problems", "POSITIVE", "NON_NEGATIVE", "FRACTION"]
 
 _ARRAYS = ("aux_images", "aux_features", "target_features", "target_images")
 _OPTIONAL = ("labelled_images", "labelled_features", "victim_images")
@@ -159,12 +158,18 @@ class AttackResult:
 
 
 class Attack:
-    """Subclasses set the class attributes, declare OPTIONS (name -> default) and implement run()."""
+    """Subclasses set the class attributes, declare OPTIONS (name -> default) and implement run().
+
+    description: one line for `edgeveil list attacks` and attacks.json (the registry reads it here).
+    TINY_OPTIONS: overrides of OPTIONS that make a run take a second or two on a tiny victim: the
+    contract tests (tests/test_attack_contract.py) run every registered attack with them.
+    """
     name: ClassVar[str] = "base"
     description: ClassVar[str] = ""
     paper: ClassVar[str] = "-"
     threat_model: ClassVar[ThreatModel] = ThreatModel(False, False, "none", 0)
     OPTIONS: ClassVar[dict[str, Any]] = {}
+    TINY_OPTIONS: ClassVar[dict[str, Any]] = {}
 
     @property
     def wants_victim_images(self) -> bool:
@@ -243,26 +248,3 @@ def resolve_device(name: str):
     if not isinstance(name, str) or name.split(":")[0] not in ("cpu", "cuda") or (name != "cpu" and not cuda):
         raise ValueError(f"device must be 'auto', 'cpu' or (with CUDA available) 'cuda[:N]', got {name!r}")
     return torch.device(name)
-
-
-def register(registry: dict, name: str, target: str, description: str, paper: str = "-") -> None:
-    """registry[name] = ("package.module:Class", description, paper); a taken name is refused."""
-    module, sep, attr = target.partition(":")
-    if name in registry or not (module and sep and attr):
-        raise ValueError(f"cannot register attack {name!r} -> {target!r}: the name is taken "
-                         "or the target is not 'package.module:Class'")
-    registry[name] = (target, description, paper)
-
-
-def load(registry: dict, name: str) -> type[Attack]:
-    """The attack class (imports its module); an unknown name lists the known ones."""
-    if name not in registry:
-        raise ValueError(f"attack.names must be among {', '.join(registry)}, got {name!r}")
-    module, _, cls = registry[name][0].partition(":")
-    return getattr(importlib.import_module(module), cls)
-
-
-
-def create(registry: dict, name: str, **options) -> Attack:
-    """An attack instance; unknown names and unknown options are refused with the known ones listed."""
-    return load(registry, name)(**options)

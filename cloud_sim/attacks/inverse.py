@@ -73,6 +73,8 @@ class InverseAttack(Attack):
         "noise_images": None,               # random images queried in the "noise" regime; None: the aux size
     }
 
+    TINY_OPTIONS = {"epochs": 1, "batch_size": 16, "width": 8, "restarts": 1, "val_fraction": 0.25}
+
     def __init__(self, **options):
         super().__init__(**options)
         self.threat_model = _THREATS[self.options["queries"]]

@@ -71,6 +71,9 @@ class KnowledgeAlignmentAttack(Attack):
         "aux_size": 2000,                       # background images drawn (seeded) from the dataset's pools
     }
 
+    TINY_OPTIONS = {"epochs": 1, "batch_size": 16, "width": 8, "restarts": 1, "val_fraction": 0.25,
+                    "aux_dataset": "digits", "aux_size": 32}
+
     def check_options(self, o: dict) -> list[str]:
         problems = decoder_option_problems(o) + option_problems(o, {"aux_size": 2})
         if o["data_root"] is not None and not isinstance(o["data_root"], str):

@@ -62,6 +62,8 @@ class MineEstimate(Attack):
         "val_fraction": 0.5,    # share of the pairs held out for the estimate
     }
 
+    TINY_OPTIONS = {"epochs": 1, "batch_size": 8, "width": 8}
+
     def check_options(self, o: dict) -> list[str]:
         return option_problems(o, {"epochs": 1, "width": 1, "batch_size": 4},
                                {"ema": FRACTION, "val_fraction": FRACTION, "lr": POSITIVE})

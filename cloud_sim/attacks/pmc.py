@@ -102,6 +102,8 @@ class PassiveCompletionAttack(Attack):
         "scratch_steps": 300,   # optimizer steps of the from-scratch baseline
     }
 
+    TINY_OPTIONS = {"steps": 3, "batch_size": 8, "width": 8, "scratch_steps": 3}
+
     def check_options(self, o: dict) -> list[str]:
         problems = option_problems(o, dict.fromkeys(("steps", "batch_size", "width", "augmentations",
                                                      "scratch_steps"), 1), _NUMBERS)

@@ -75,6 +75,8 @@ class RmleAttack(Attack):
         "noise_draws": 4,       # runtime-noise draws per step (used only when the victim adds noise)
     }
 
+    TINY_OPTIONS = {"steps": 3, "restarts": 1, "batch_size": 16, "noise_draws": 1}
+
     def check_options(self, o: dict) -> list[str]:
         return check_inversion_options(o)
 

@@ -57,6 +57,9 @@ class ShadowAttack(Attack):
         "tv_weight": 0.5,           # a stronger prior than rmle's: the shadow only approximates the head
     }
 
+    TINY_OPTIONS = {"shadow_epochs": 1, "shadow_batch_size": 16, "val_fraction": 0.25, "steps": 3, "restarts": 1,
+                    "batch_size": 16, "noise_draws": 1}
+
     def check_options(self, o: dict) -> list[str]:
         problems = option_problems(o, {"shadow_epochs": 1, "shadow_batch_size": 1},
                                    {"shadow_lr": POSITIVE, "val_fraction": FRACTION})

@@ -12,6 +12,7 @@ lists every layer that would not, before a long training run starts.
 
 An arch module (the part before ':' in its target) defines, besides its builder:
 
+    description    one line for `edgeveil list archs`
     SPLITS         range of valid split values        DEFAULT_SPLIT  int
     IMAGE_SIZES    range of valid input sizes (H = W) IN_CHANNELS    tuple of valid channel counts
     TINY_WIDTH     the channel multiplier "tiny" means
@@ -22,10 +23,11 @@ returns `(head, tail)`. This module imports no torch at load time.
 """
 from __future__ import annotations
 
-import importlib
 import math
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, NamedTuple
+
+from edgeveil.device.registry import Registry
 
 from .preflight import PreflightError, check, preflight
 
@@ -37,19 +39,13 @@ __all__ = [
     "register", "names", "create", "default_split", "valid_splits", "preflight", "check",
 ]
 
-# name -> ("module:builder", one-line description)
-ARCHS: dict[str, tuple[str, str]] = {
-    "smallcnn": ("edgeveil.training.archs.smallcnn:build",
-                 "small CNN for 8x8..32x32 grayscale or RGB; split = conv blocks in the head (1..3)"),
-    "resnet18": ("edgeveil.training.archs.resnet:build",
-                 "ResNet-18, CIFAR stem; split = stages in the head (0 = stem conv only .. 3)"),
-    "mobilenetv2": ("edgeveil.training.archs.mobilenet:build",
-                    "MobileNetV2, CIFAR strides, ReLU6; split = inverted-residual stages in the head (0..7)"),
-    "vgg11_bn": ("edgeveil.training.archs.vgg:build",
-                 "VGG11-BN with a sigmoid bottleneck (CEM setting); split = VGG cfg entries in the head (1..12)"),
-    "funnel": ("edgeveil.training.archs.funnel:build",
-               "SiftFunnel's funnel head (12 channels, SE/CBAM-like gates) and cloud upsampler; one split (1)"),
-}
+ARCHS = Registry("arch", "model.arch", "builder", {
+    "smallcnn": "edgeveil.training.archs.smallcnn:build",
+    "resnet18": "edgeveil.training.archs.resnet:build",
+    "mobilenetv2": "edgeveil.training.archs.mobilenet:build",
+    "vgg11_bn": "edgeveil.training.archs.vgg:build",
+    "funnel": "edgeveil.training.archs.funnel:build",
+})
 
 _WIDTHS = {"full": 1.0}
 _MAX_WIDTH = 8.0
@@ -63,19 +59,14 @@ class SplitModel(NamedTuple):
     feature_shape: tuple[int, int, int]
 
 
-def register(name: str, target: str, description: str) -> None:
+def register(name: str, target: str) -> None:
     """Add an architecture. target is "package.module:builder"; a duplicate name is refused."""
-    if name in ARCHS:
-        raise ValueError(f"arch {name!r} is already registered")
-    module, sep, attr = target.partition(":")
-    if not (module and sep and attr):
-        raise ValueError(f"arch target must look like 'package.module:builder', got {target!r}")
-    ARCHS[name] = (target, description)
+    ARCHS.register(name, target)
 
 
 def names() -> list[tuple[str, str]]:
     """(name, description) of every registered arch, for `edgeveil list archs`."""
-    return [(name, description) for name, (_, description) in ARCHS.items()]
+    return [(name, ARCHS.describe(name)) for name in ARCHS]
 
 
 def default_split(name: str) -> int:
@@ -101,7 +92,7 @@ def create(name: str, *, in_channels: int, image_size: int, num_classes: int,
     if unknown:
         known = ", ".join(sorted(module.OPTIONS)) or "none"
         raise ValueError(f"model options {unknown} are not known for {name} (known: {known})")
-    builder = getattr(module, ARCHS[name][0].partition(":")[2])
+    builder = ARCHS.load(name)
     head, tail = builder(in_channels=in_channels, image_size=image_size, num_classes=num_classes,
                          split=split, width=multiplier, **{**module.OPTIONS, **options})
     shape = _feature_shape(head, in_channels, image_size)
@@ -109,9 +100,7 @@ def create(name: str, *, in_channels: int, image_size: int, num_classes: int,
 
 
 def _arch_module(name: str) -> ModuleType:
-    if name not in ARCHS:
-        raise ValueError(f"model.arch must be one of {', '.join(ARCHS)}, got {name!r}")
-    return importlib.import_module(ARCHS[name][0].partition(":")[0])
+    return ARCHS.module(name)
 
 
 def _is_int(value: Any) -> bool:

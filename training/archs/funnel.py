@@ -44,6 +44,7 @@ from torch import nn
 
 from .smallcnn import ConvBNAct, scaled
 
+description = "SiftFunnel's funnel head (12 channels, SE/CBAM-like gates) and cloud upsampler; one split (1)"
 SPLITS = range(1, 2)  # one cut: after the funnel and its attention
 DEFAULT_SPLIT = 1
 IMAGE_SIZES = range(8, 65)

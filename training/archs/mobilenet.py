@@ -21,6 +21,7 @@ from torch import nn
 
 from .smallcnn import ConvBNAct, classifier, scaled
 
+description = "MobileNetV2, CIFAR strides, ReLU6; split = inverted-residual stages in the head (0..7)"
 SPLITS = range(0, 8)
 DEFAULT_SPLIT = 2
 IMAGE_SIZES = range(8, 65)

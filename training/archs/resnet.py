@@ -19,6 +19,7 @@ from torch import nn
 
 from .smallcnn import ConvBNAct, classifier, scaled
 
+description = "ResNet-18, CIFAR stem; split = stages in the head (0 = stem conv only .. 3)"
 SPLITS = range(0, 4)
 DEFAULT_SPLIT = 1
 IMAGE_SIZES = range(8, 65)

@@ -13,6 +13,7 @@ from collections import OrderedDict
 
 from torch import nn
 
+description = "small CNN for 8x8..32x32 grayscale or RGB; split = conv blocks in the head (1..3)"
 SPLITS = range(1, 4)
 DEFAULT_SPLIT = 2
 IMAGE_SIZES = range(8, 33)

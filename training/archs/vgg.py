@@ -21,6 +21,7 @@ from torch import nn
 
 from .smallcnn import ConvBNAct, scaled
 
+description = "VGG11-BN with a sigmoid bottleneck (CEM setting); split = VGG cfg entries in the head (1..12)"
 SPLITS = range(1, 13)
 DEFAULT_SPLIT = 4
 IMAGE_SIZES = range(8, 65)

@@ -6,7 +6,7 @@ from .base import Defense
 
 class NoDefense(Defense):
     name = "none"
-    description = "no defense: the plain split model"
+    description = "no defense: the plain split model, the baseline every defense is measured against"
 
     def __init__(self, strength: float = 0.0, **options):
         super().__init__(strength, **options)

@@ -348,7 +348,7 @@ def main(argv=None) -> int:
              "accuracy on the originals), then the defense must beat `none` in float and still on int8. "
              "int8 accuracy and int8 "
              "features include the runtime noise of `noise` and `cem` as the device adds it: noise of a step or "
-             "more is requantized onto the output range widened by 4σ (device.runner.sent_qparams), not clipped "
+             "more is requantized onto the output range widened by 4σ (device.noise.sent_qparams), not clipped "
              "at the ReLU zero point.\n",
              verdict_line(rows) + "\n"]
     for ds in dict.fromkeys(r["dataset"] for r in rows):

@@ -31,7 +31,7 @@ import numpy as np
 
 from edgeveil.device import wire
 from edgeveil.device.manifest import read_manifest, sha256_file
-from edgeveil.device.runner import check_noise_spec, sent_qparams
+from edgeveil.device.noise import check_noise_spec, sent_qparams
 from edgeveil.training.runfile import load_run
 
 from .store import FrameStore, ReplyCache, default_keys_path, features_dir, load_or_create_keys

@@ -23,7 +23,7 @@ from edgeveil.device.interpreter import run as run_model
 from edgeveil.device.manifest import (SCHEMA_VERSION, artifact_entry, sha256_file, tensor_entry,
                                       validate_manifest, write_json_atomic)
 from edgeveil.device.quant import dequantize, tensor_qparams
-from edgeveil.device.runner import add_float_noise, add_quantized_noise, sent_qparams
+from edgeveil.device.noise import add_float_noise, add_quantized_noise, sent_qparams
 
 from .convert import ONNX2TF_SUFFIXES, PRECISIONS, check_normalization, check_precisions, convert, onnx2tf_args
 from .convert import TINY_SCALE, tflite_operators, tiny_scales

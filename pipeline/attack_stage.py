@@ -54,7 +54,7 @@ class _FloatQuery:
     """The PyTorch head (and the manifest's noise, in float) as a query function."""
 
     def __init__(self, head, mean, std, noise, seed: int):
-        from edgeveil.device.runner import add_float_noise
+        from edgeveil.device.noise import add_float_noise
 
         self.head, self.mean, self.std, self.noise = head, mean, std, noise
         self._add, self._rng = add_float_noise, np.random.default_rng(seed)
@@ -115,7 +115,7 @@ def _record_key(name: str, attack, prec: str, victim, victim_id: str, idx: np.nd
                 seed: int) -> str:
     """What an (attack, precision) result depends on; a stored result with another key is redone.
     With runtime noise, how the device applies it (the spec and the grid it sends on) is part of it."""
-    from edgeveil.device.runner import sent_qparams
+    from edgeveil.device.noise import sent_qparams
 
     fields = {"attack": name, "options": attack.options, "precision": prec, "artifact": victim_id,
               "targets": hashlib.sha256(np.ascontiguousarray(idx, np.int64).tobytes()).hexdigest(),

@@ -24,7 +24,7 @@ from edgeveil.cloud_sim.attacks.base import AttackContext, Victim  # noqa: E402
 from edgeveil.cloud_sim.attacks.rmle import RmleAttack, fake_quantize, surrogate  # noqa: E402
 from edgeveil.cloud_sim.attacks.shadow import ShadowAttack  # noqa: E402
 from edgeveil.device.quant import dequantize, quantize  # noqa: E402
-from edgeveil.device.runner import add_float_noise, add_quantized_noise  # noqa: E402
+from edgeveil.device.noise import add_float_noise, add_quantized_noise  # noqa: E402
 from edgeveil.training import archs  # noqa: E402
 
 MEAN, STD = (0.3,), (0.32,)
@@ -172,7 +172,7 @@ def test_fake_quantize_is_the_devices_quantization_with_a_straight_through_gradi
                          ids=lambda n: f"{n['kind']}-{n.get('sigma', n.get('p'))}")
 @pytest.mark.parametrize("precision", ["float", "int8"])
 def test_surrogate_noise_is_distributed_as_the_device_adds_it(digits, victim, noise, precision):
-    """What the attack averages over matches device.runner's noise: spread and share of changed features."""
+    """What the attack averages over matches device.noise: spread and share of changed features."""
     x, _, aux, target = digits
     head, _ = victim
     in_q, out_q = _int8_qparams(_features(head, x[aux])) if precision == "int8" else (None, None)

@@ -16,7 +16,8 @@ import pytest
 from edgeveil.device.interpreter import InterpreterError, Runtime, find_interpreter
 from edgeveil.device.manifest import sha256_file
 from edgeveil.device.quant import dequantize
-from edgeveil.device.runner import Features, HeadRunner, add_float_noise, add_quantized_noise, sent_qparams
+from edgeveil.device.noise import add_float_noise, add_quantized_noise, sent_qparams
+from edgeveil.device.runner import Features, HeadRunner
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "digits_tiny"
 

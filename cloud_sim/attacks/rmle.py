@@ -51,7 +51,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgeveil.device.runner import check_noise_spec, sent_qparams
+from edgeveil.device.noise import check_noise_spec, sent_qparams
 
 from .base import (NON_NEGATIVE, POSITIVE, Attack, AttackContext, AttackResult, ThreatModel, Victim, option_problems,
                    resolve_device)

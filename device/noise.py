@@ -12,11 +12,12 @@ and rounding afterwards is post-processing.
 
 Noise on integer codes (`add_quantized_noise`): dequantize, add the noise drawn in float feature
 units, quantize again on the sent grid, round half away from zero. The sent grid comes from
-`sent_qparams`: for Gaussian or Laplace noise of at least one output step it is the output
-tensor's range widened by 4 sigma (Gaussian) or 9 b (Laplace) on both sides, so that the noise is
-not clipped where ReLU features sit (the zero point is the dtype's minimum: the tensor's own grid
-would keep only the upward half of the noise there, biasing what the tail trained on unbiased
-noise sees). Below one step the tensor's own grid is kept: rounding erases most of such noise
+`sent_qparams`, called once, by export, which writes it into each artifact's manifest entry
+(field `sent`) for the device, the server and the attacks to read. For Gaussian or Laplace
+noise of at least one output step it is the output tensor's range widened by 4 sigma (Gaussian)
+or 9 b (Laplace) on both sides, so that the noise is not clipped where ReLU features sit (the
+zero point is the dtype's minimum: the tensor's own grid would keep only the upward half of the
+noise there, biasing what the tail trained on unbiased noise sees). Below one step the tensor's own grid is kept: rounding erases most of such noise
 anyway, and the export and the report say so.
 """
 from __future__ import annotations
@@ -102,14 +103,16 @@ class Noisy(NamedTuple):
 
 
 def add_quantized_noise(codes: np.ndarray, scale: float, zero_point: int, spec: dict | None,
-                        rng: np.random.Generator) -> Noisy:
+                        rng: np.random.Generator, sent: tuple[float, int]) -> Noisy:
     """Add inference-time noise to integer codes (any shape) quantized with (scale, zero_point).
 
-    Returns the noisy codes on the `sent_qparams` grid (same dtype), that grid, and stats: kind,
-    sigma (float units, None for dropout), sigma_steps (sigma / the tensor's step), nominal_std
-    (the distribution's std in float units), effective_std (std of what was really applied, in
-    float units, rounding included), changed_fraction (features the noise moved by more than half
-    a step of the sent grid: on the tensor's own grid, the codes that changed),
+    sent: (scale, zero point) of the grid the noisy codes are sent on, as export derived it with
+    `sent_qparams` and wrote it into the artifact's manifest entry (field `sent`); dropout keeps
+    the tensor's own grid. Returns the noisy codes on that grid (same dtype), the grid, and stats:
+    kind, sigma (float units, None for dropout), sigma_steps (sigma / the tensor's step),
+    nominal_std (the distribution's std in float units), effective_std (std of what was really
+    applied, in float units, rounding included), changed_fraction (features the noise moved by more
+    than half a step of the sent grid: on the tensor's own grid, the codes that changed),
     clipped_fraction (noisy values outside the sent grid's range, clipped), widened (whether the
     grid was widened). `spec` None: codes and grid unchanged, stats None.
     """
@@ -118,7 +121,9 @@ def add_quantized_noise(codes: np.ndarray, scale: float, zero_point: int, spec: 
         return Noisy(codes, scale, zero_point, None)
     codes = np.asarray(codes)
     info = np.iinfo(codes.dtype)
-    out_scale, out_zp = sent_qparams(scale, zero_point, info.min, info.max, spec)
+    out_scale, out_zp = float(sent[0]), int(sent[1])
+    if spec["kind"] == "dropout" and (out_scale, out_zp) != (float(scale), int(zero_point)):
+        raise ValueError(f"dropout keeps the tensor's grid ({scale}, {zero_point}), but the sent grid is {sent}")
     values = (codes.astype(np.float64) - zero_point) * float(scale)  # float64: unmoved codes apply exactly 0
     scaled = None
     if spec.get("clip_norm") is not None:  # clip the dequantized features, then noise, then requantize

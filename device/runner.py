@@ -83,7 +83,8 @@ class HeadRunner:
         if precision not in artifacts:
             raise ValueError(f"{manifest_path} has no artifact {precision!r}; it has {', '.join(artifacts)}")
         self.precision, self.entry = precision, artifacts[precision]
-        self.model_id: str = self.entry["sha256"][:16]
+        self.model_id: str = self.entry["model_id"]
+        self.sent: tuple = (self.entry["sent"]["scale"], self.entry["sent"]["zero_point"])  # export derived it
         self.path = self.export_dir / self.entry["file"]
         self.noise_spec = check_noise_spec(self.manifest["inference_noise"],
                                            f"{manifest_path}: field inference_noise")
@@ -134,7 +135,7 @@ class HeadRunner:
             values, stats = add_float_noise(codes.astype(np.float32, copy=False), self.noise_spec, self._rng)
         else:
             values, scale, zero_point, stats = add_quantized_noise(codes, scale, zero_point, self.noise_spec,
-                                                                   self._rng)
+                                                                   self._rng, self.sent)
         return Features(values, scale, zero_point, self.entry.get("output_layout", "NHWC"), stats)
 
 

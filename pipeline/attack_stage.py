@@ -42,11 +42,13 @@ def _to_u8(images01: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
 
 
-def _qparams(detail: dict) -> dict | None:
-    if detail.get("scale") is None:
+def _qparams(detail: dict, grid: dict | None = None) -> dict | None:
+    """{"scale", "zero_point", "qmin", "qmax"} of a tensor, on `grid` (a manifest `sent`) if given."""
+    grid = detail if grid is None else grid
+    if grid.get("scale") is None:
         return None
     info = np.iinfo(np.dtype(detail["dtype"]))
-    return {"scale": float(detail["scale"]), "zero_point": int(detail["zero_point"]),
+    return {"scale": float(grid["scale"]), "zero_point": int(grid["zero_point"]),
             "qmin": int(info.min), "qmax": int(info.max)}
 
 
@@ -89,7 +91,8 @@ def _victims(run, runners: dict, manifest: dict, seed: int) -> dict:
     for prec, runner in runners.items():
         entry = manifest["artifacts"][prec]
         out[prec] = Victim(prec, _ArtifactQuery(runner), input_quant=_qparams(entry["inputs"][0]),
-                           output_quant=_qparams(entry["outputs"][0]), **common)
+                           output_quant=_qparams(entry["outputs"][0]),
+                           sent_quant=_qparams(entry["outputs"][0], entry["sent"]), **common)
     return out
 
 
@@ -115,15 +118,12 @@ def _record_key(name: str, attack, prec: str, victim, victim_id: str, idx: np.nd
                 seed: int) -> str:
     """What an (attack, precision) result depends on; a stored result with another key is redone.
     With runtime noise, how the device applies it (the spec and the grid it sends on) is part of it."""
-    from edgeveil.device.noise import sent_qparams
-
     fields = {"attack": name, "options": attack.options, "precision": prec, "artifact": victim_id,
               "targets": hashlib.sha256(np.ascontiguousarray(idx, np.int64).tobytes()).hexdigest(),
               "aux": n_aux, "seed": seed}
     if victim.noise is not None:
-        q = victim.output_quant
-        fields["noise"] = {"spec": victim.noise, "sent": None if q is None else sent_qparams(
-            q["scale"], q["zero_point"], q["qmin"], q["qmax"], victim.noise)}
+        q = victim.sent_quant
+        fields["noise"] = {"spec": victim.noise, "sent": None if q is None else (q["scale"], q["zero_point"])}
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

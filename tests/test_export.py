@@ -494,7 +494,8 @@ def _tensor(dtype="int8", scale=0.1, zero_point=0):
 
 def _manifest() -> dict:
     entry = mf.artifact_entry(file="head_int8.tflite", precision="int8", sha256="a" * 64, bytes=100,
-                              inputs=[_tensor()], outputs=[_tensor()], operators=["CONV_2D"])
+                              inputs=[_tensor()], outputs=[_tensor()], sent=mf.sent_entry(0.1, 0, None),
+                              operators=["CONV_2D"])
     spec = {"shape": [1, 16, 16, 1], "layout": "NHWC", "dtype": "uint8", "pixel_scaling": "x/255",
             "mean": [0.5], "std": [0.25]}
     return {"schema": mf.SCHEMA_VERSION, "model_id": "a" * 16, "source": {}, "tools": {}, "onnx": {},
@@ -505,6 +506,13 @@ def _manifest() -> dict:
 @pytest.mark.parametrize("edit, field", [
     (lambda m: m.pop("model_id"), "field model_id is missing"),
     (lambda m: m.update(schema="edgeveil.manifest/0"), "field schema is 'edgeveil.manifest/0'"),
+    (lambda m: m.update(schema="edgeveil.manifest/1"),
+     r"field schema is 'edgeveil.manifest/1', this edgeveil reads 'edgeveil.manifest/2': re-run `edgeveil export"),
+    (lambda m: m["artifacts"]["int8"].update(model_id="b" * 16), "field artifacts.int8.model_id must be the first 16"),
+    (lambda m: m["artifacts"]["int8"].pop("sent"), "field artifacts.int8.sent is missing"),
+    (lambda m: m["artifacts"]["int8"]["sent"].update(zero_point=None), "field artifacts.int8.sent.zero_point"),
+    (lambda m: m.update(inference_noise={"kind": "gaussian", "sigma": 0.2}),
+     r"field artifacts.int8.sent.noise is None, but inference_noise is .*re-run `edgeveil export"),
     (lambda m: m["artifacts"]["int8"].pop("outputs"), "field artifacts.int8.outputs is missing"),
     (lambda m: m["artifacts"]["int8"].update(sha256="xyz"), "field artifacts.int8.sha256"),
     (lambda m: m["artifacts"]["int8"].update(file="../x.tflite"), "field artifacts.int8.file"),

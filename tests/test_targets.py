@@ -169,7 +169,8 @@ def test_an_operator_tflite_micro_lacks_is_named_and_nothing_is_written(exported
         stale.unlink()
     shutil.copyfile(gelu_model, export / "head_int8.tflite")
     manifest = json.loads((export / "manifest.json").read_text())
-    manifest["artifacts"]["int8"].update(sha256=sha256_file(gelu_model), bytes=gelu_model.stat().st_size)
+    sha = sha256_file(gelu_model)
+    manifest["artifacts"]["int8"].update(sha256=sha, model_id=sha[:16], bytes=gelu_model.stat().st_size)
     (export / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(UnsupportedOperator, match=r"TFLite Micro has no kernel for GELU"):
         target_report(export, "stm32h743")

@@ -30,7 +30,8 @@ from typing import NamedTuple
 import numpy as np
 
 from edgeveil.device import wire
-from edgeveil.device.manifest import read_manifest, sha256_file
+from edgeveil.device.files import sha256_file
+from edgeveil.device.manifest import read_manifest
 from edgeveil.training.runfile import load_run
 
 from .store import FrameStore, ReplyCache, default_keys_path, features_dir, load_or_create_keys

@@ -1,10 +1,11 @@
-"""The export manifest (``runs/<name>/export/manifest.json``): schema, checks, atomic JSON I/O.
+"""The export manifest (``runs/<name>/export/manifest.json``): schema and checks.
 
 Standard library only, so a board can read a manifest with nothing but Python. The exporter
 builds entries with `tensor_entry` / `artifact_entry` and validates the whole document with
-`validate_manifest` before writing; readers call `read_manifest`, which raises a ValueError
-naming the file and the field. Keys not listed here are allowed (later stages add their own,
-e.g. TFLite Micro arena bytes), so the schema only grows by adding optional fields.
+`validate_manifest` before writing it with device.files.atomic_write_json; readers call
+`read_manifest`, which raises a ValueError naming the file and the field. Keys not listed here
+are allowed (later stages add their own, e.g. TFLite Micro arena bytes), so the schema only grows
+by adding optional fields.
 
 Layout (abridged)::
 
@@ -27,16 +28,14 @@ Schema 2 added the per-artifact `model_id` and `sent`; an older manifest is refu
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from pathlib import Path
 
-from .files import atomic_write_bytes
+from .files import read_json, sha256_file
 
 __all__ = [
     "SCHEMA_VERSION", "PRECISIONS", "tensor_entry", "sent_entry", "artifact_entry", "validate_manifest",
-    "read_manifest", "artifact_path", "sha256_file", "write_json_atomic",
+    "read_manifest", "artifact_path",
 ]
 
 SCHEMA_VERSION = "edgeveil.manifest/2"
@@ -103,11 +102,7 @@ def read_manifest(path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: manifest not found (run `edgeveil export` first)")
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    return validate_manifest(obj, str(path))
+    return validate_manifest(read_json(path), str(path))
 
 
 def artifact_path(manifest_path, precision: str, manifest: dict, verify: bool = True) -> Path:
@@ -212,25 +207,3 @@ def _check_fields(obj: dict, fields: dict, prefix: str) -> None:
 
 
 _JSON_NAMES = {str: "string", int: "integer", dict: "object", list: "list"}
-
-
-# ------------------------------------------------------------------------------- files
-
-
-def sha256_file(path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def write_json_atomic(path, obj) -> None:
-    """Write JSON to a temp file in the same folder, fsync it, then os.replace it into place.
-
-    NaN and infinity are refused (they are not JSON); readers never see a half-written file.
-    """
-    path = Path(path)
-    text = json.dumps(obj, indent=2, allow_nan=False) + "\n"
-    atomic_write_bytes(path, text.encode("utf-8"))

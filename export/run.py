@@ -20,8 +20,8 @@ import numpy as np
 
 from edgeveil.device.interpreter import find_interpreter
 from edgeveil.device.interpreter import run as run_model
-from edgeveil.device.manifest import (SCHEMA_VERSION, artifact_entry, sent_entry, sha256_file, tensor_entry,
-                                      validate_manifest, write_json_atomic)
+from edgeveil.device.files import atomic_write_json, sha256_file
+from edgeveil.device.manifest import SCHEMA_VERSION, artifact_entry, sent_entry, tensor_entry, validate_manifest
 from edgeveil.device.quant import dequantize, tensor_qparams
 from edgeveil.device.noise import add_float_noise, add_quantized_noise, check_noise_spec, sent_qparams
 
@@ -91,7 +91,7 @@ def export_run(run_dir: Path, *, precisions=PRECISIONS, calibration_samples: int
     _check_noise(noise, artifacts)
     manifest = _manifest(run_dir, info, noise, spec, calibration, artifacts, seconds, precisions,
                          _onnx_entry(out / "head.onnx", x[: test.n_parity], ref[: test.n_parity]))
-    write_json_atomic(out / "manifest.json", validate_manifest(manifest, str(out / "manifest.json")))
+    atomic_write_json(out / "manifest.json", validate_manifest(manifest, str(out / "manifest.json")))
     return manifest
 
 

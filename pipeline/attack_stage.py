@@ -19,6 +19,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from edgeveil.device.files import read_json
+
 log = logging.getLogger(__name__)
 
 __all__ = ["attack_stage"]
@@ -130,8 +132,8 @@ def _record_key(name: str, attack, prec: str, victim, victim_id: str, idx: np.nd
 def _load_record(folder: Path, stem: str, key: str):
     """(entry, reconstructions or None) of a finished (attack, precision), or None to (re)do it."""
     try:
-        rec = json.loads((folder / f"{stem}.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        rec = read_json(folder / f"{stem}.json")
+    except (FileNotFoundError, ValueError):
         return None
     if rec.get("key") != key:
         return None
@@ -146,8 +148,7 @@ def _load_record(folder: Path, stem: str, key: str):
 
 
 def _save_record(folder: Path, stem: str, rec: dict, recon: np.ndarray | None) -> None:
-    from edgeveil.device.files import atomic_write_bytes
-    from edgeveil.device.manifest import write_json_atomic
+    from edgeveil.device.files import atomic_write_bytes, atomic_write_json
 
     folder.mkdir(parents=True, exist_ok=True)
     if recon is not None:
@@ -155,7 +156,7 @@ def _save_record(folder: Path, stem: str, rec: dict, recon: np.ndarray | None) -
         np.savez_compressed(buf, reconstructions=np.clip(np.rint(recon * 255), 0, 255).astype(np.uint8))
         atomic_write_bytes(folder / f"{stem}.npz", buf.getvalue())
         rec["reconstructions"] = f"{stem}.npz"
-    write_json_atomic(folder / f"{stem}.json", rec)
+    atomic_write_json(folder / f"{stem}.json", rec)
 
 
 def attack_stage(cfg, run_dir: Path, names: list[str] | None = None, progress: bool = True) -> dict:
@@ -170,7 +171,7 @@ def attack_stage(cfg, run_dir: Path, names: list[str] | None = None, progress: b
     from edgeveil.cloud_sim.preflight import attack_plan, describe_plan, split_sizes
     from edgeveil.cloud_sim.verdict import verdict
     from edgeveil.cloud_sim.store import default_keys_path, load_or_create_keys
-    from edgeveil.device.manifest import write_json_atomic
+    from edgeveil.device.files import atomic_write_json
     from edgeveil.device.runner import HeadRunner
     from edgeveil.training.runfile import load_run, load_splits
 
@@ -243,7 +244,7 @@ def attack_stage(cfg, run_dir: Path, names: list[str] | None = None, progress: b
         out["attacks"][name] = entry
     out["verdict"] = verdict(out, cfg.attack.tolerance, baseline, defense=run.info.get("defense", {}).get("name"),
                              power=cfg.attack.power)
-    write_json_atomic(run_dir / "cloud" / "attacks.json", out)
+    atomic_write_json(run_dir / "cloud" / "attacks.json", out)
     return out
 
 
@@ -372,12 +373,12 @@ def _read_baseline(cfg, info: dict) -> dict | None:
         return None
     path = Path(cfg.attack.baseline) / "cloud" / "attacks.json"
     try:
-        baseline = json.loads(path.read_text())
+        baseline = read_json(path)
     except FileNotFoundError:
         raise FileNotFoundError(f"attack.baseline: {path} does not exist; run the attacks on the undefended "
                                 "baseline first (edgeveil attack BASELINE_DIR)") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"attack.baseline: {path} is not valid JSON ({e})") from None
+    except ValueError as e:
+        raise ValueError(f"attack.baseline: {e}") from None
     _check_baseline(info, Path(cfg.attack.baseline))
     return baseline
 

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from edgeveil.device.interpreter import InterpreterError, Runtime, find_interpreter
-from edgeveil.device.manifest import sent_entry, sha256_file
+from edgeveil.device.files import sha256_file
+from edgeveil.device.manifest import sent_entry
 from edgeveil.device.quant import dequantize
 from edgeveil.device.noise import add_float_noise, add_quantized_noise, sent_qparams
 from edgeveil.device.runner import Features, HeadRunner

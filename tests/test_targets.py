@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from conftest import QUICK, one_torch_thread
-from edgeveil.device.manifest import read_manifest, sha256_file
+from edgeveil.device.files import sha256_file
+from edgeveil.device.manifest import read_manifest
 from edgeveil.export.boards import get_board, load_boards
 from edgeveil.export.carray import NotFullInteger
 from edgeveil.export.estimate import _in_fresh_process, estimate_latency, macs_by_class

@@ -629,6 +629,58 @@ def test_export_run_artifacts_match_pytorch(exported):
 
 
 @pytest.mark.convert
+def test_device_and_server_use_the_sent_grid_the_manifest_records(exported, tmp_path):
+    """Export derives the grid noisy codes travel on, once, into the manifest; the device sends its
+    codes on it and the server dequantizes received frames with it, and both agree."""
+    import shutil
+
+    from edgeveil.cloud_sim.server import Server
+    from edgeveil.cloud_sim.store import read_store
+    from edgeveil.device import wire
+    from edgeveil.device.client import CloudClient, CloudError
+    from edgeveil.device.interpreter import run as run_model
+    from edgeveil.device.runner import HeadRunner
+    from edgeveil.training.runfile import load_run, load_splits
+
+    run_dir, manifest = exported
+    entry = manifest["artifacts"]["int8"]
+    sent, out = entry["sent"], entry["outputs"][0]
+    assert sent["noise"] == manifest["inference_noise"] and entry["model_id"] == manifest["model_id"]
+    assert sent["scale"] > out["scale"]  # sigma 0.1 is more than an output step: the grid is widened
+    run = tmp_path / "run"
+    for part in ("train", "export"):
+        shutil.copytree(run_dir / part, run / part)
+
+    runner = HeadRunner(run / "export", "int8", noise_seed=0)
+    images = load_splits(load_run(run).info).test.x[:8]
+    feats = runner.run(images)
+    assert runner.model_id == entry["model_id"]
+    assert (feats.scale, feats.zero_point) == (sent["scale"], sent["zero_point"])
+    clean = dequantize(run_model(runner.loaded, runner.preprocess(images)), out["scale"], out["zero_point"])
+    noise = feats.dequantized().astype(np.float64) - clean  # the codes read on the sent grid: clean + noise
+    assert abs(noise.mean()) < 0.01 and noise.std() == pytest.approx(np.hypot(0.1, sent["scale"] / 12 ** 0.5),
+                                                                      rel=0.05)
+
+    key = bytes(range(32))
+    with Server(run, keys={"dev": key}) as srv:
+        client = CloudClient(srv.base_url, timeout=10.0, retries=1)
+        models = {m["precision"]: m["output"] for m in client.models()["models"]}
+        assert (models["int8"]["scale"], models["int8"]["zero_point"]) == (sent["scale"], sent["zero_point"])
+        replies = [client.infer(wire.encode(feats.values[i:i + 1], key=key, device_id="dev",
+                                            model_id=runner.model_id, scale=feats.scale,
+                                            zero_point=feats.zero_point)) for i in range(len(images))]
+        with pytest.raises(CloudError) as own_grid:  # the tensor's own grid is not what this device sends
+            client.infer(wire.encode(feats.values[:1], key=key, device_id="dev", model_id=runner.model_id,
+                                     scale=out["scale"], zero_point=out["zero_point"]))
+    assert own_grid.value.status == 422 and "scale" in own_grid.value.reason
+    received = np.concatenate([f.dequantized() for f in read_store(run, {"dev": key})])
+    np.testing.assert_array_equal(received, feats.dequantized())  # what the server completes on
+    with torch.no_grad():
+        offline = torch.softmax(load_run(run).tail(torch.from_numpy(feats.to_nchw())), dim=1).numpy()
+    np.testing.assert_allclose([r["probabilities"][0] for r in replies], offline, rtol=0, atol=1e-5)
+
+
+@pytest.mark.convert
 @pytest.mark.parametrize("damage, error, name", [
     (lambda t: (t / "model.json").write_text("{garbled"), ValueError, "model.json"),
     (lambda t: (t / "head.pt").write_bytes((t / "head.pt").read_bytes()[:100]), ValueError, "head.pt"),

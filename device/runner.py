@@ -10,8 +10,10 @@ an integer input, quantization with the input tensor's scale and zero point and 
 `quantization_rounding`. Inference-time noise (manifest field `inference_noise`) is not in the
 graph: it is added here, after the head, in the quantized domain, the same way on every runtime.
 
-The noise itself lives in device/noise.py; the grid the noisy codes are sent on is the one export
-derived and wrote into the artifact's manifest entry (field `sent`), read here, never recomputed.
+The noise itself (specs, kinds, clipping) lives in device/noise.py. The grid the noisy codes are
+sent on is the one export derived and wrote into the artifact's manifest entry (field `sent`),
+read here, never recomputed; frames carry that scale and zero point, and the cloud checks them
+against the same field.
 """
 from __future__ import annotations
 

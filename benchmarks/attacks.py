@@ -24,7 +24,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import defenses as sweep  # noqa: E402  (the same datasets, grid, budgets and run directories)
 
-from edgeveil.device.files import atomic_write_bytes  # noqa: E402
+from edgeveil.device.files import atomic_write_bytes, atomic_write_json, atomic_write_text  # noqa: E402
 
 REPO = sweep.REPO
 MODELS = ("none", "infoscissors", "siftfunnel", "cem")  # each at the middle of its defenses.GRID strengths
@@ -283,7 +283,7 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     report = {"benchmark": "attacks", "quick": args.quick, "machine": sweep.machine(), "options": OPTIONS,
               "ka_aux": KA_AUX, "records": records}
-    atomic_write_bytes(args.out / f"attacks{suffix}.json", (json.dumps(report, indent=2) + "\n").encode())
+    atomic_write_json(args.out / f"attacks{suffix}.json", report)
     parts = ["# Attacks on float and int8 features, and the verdict\n",
              f"Reproduce: `python benchmarks/attacks.py{' --quick' if args.quick else ''}`\n",
              *([f"This run: {args.note}\n"] if args.note else []),
@@ -304,7 +304,7 @@ def main(argv=None) -> int:
         if reconstruction_grid(ds_records, grid):
             parts += [f"![{ds} reconstructions from int8 features]({grid.name})\n"]
     parts += ["## Against the published numbers\n", published(records) + "\n", closeness(records) + "\n"]
-    atomic_write_bytes(args.out / f"attacks{suffix}.md", "\n".join(parts).encode())
+    atomic_write_text(args.out / f"attacks{suffix}.md", "\n".join(parts))
     print("\n".join(parts))
     return 0
 

@@ -123,10 +123,10 @@ def main(argv=None) -> int:
         names.insert(0, "none")  # the baseline every defended model is judged against
     records = [r for r in (stage(n, args.runs, args.stage) for n in names) if r is not None]
     if records:
-        from edgeveil.device.files import atomic_write_bytes
+        from edgeveil.device.files import atomic_write_json, atomic_write_text
 
-        atomic_write_bytes(args.out / "cifar10.json", (json.dumps(records, indent=1, default=str) + "\n").encode())
-        atomic_write_bytes(args.out / "cifar10.md", markdown(records).encode())
+        atomic_write_json(args.out / "cifar10.json", records, indent=1, default=str)
+        atomic_write_text(args.out / "cifar10.md", markdown(records))
         print(markdown(records))
     return 0
 

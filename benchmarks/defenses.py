@@ -25,7 +25,7 @@ import io
 import time
 from pathlib import Path
 
-from edgeveil.device.files import atomic_write_bytes
+from edgeveil.device.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("EDGEVEIL_SHARED_DATA", REPO.parent / "shared" / "datasets"))
@@ -54,10 +54,6 @@ ATTACK = ["attack.names=[inverse]", "attack.precisions=[float,int8]", "attack.in
 QUICK = ["train.epochs=1", "data.victim_train=300", "data.aux=200", "data.test=100", "data.evaluator=400",
          "attack.inverse.epochs=1", "attack.inverse.restarts=1", "attack.inverse.width=8"]
 PAPER_DEFENSES = ("infoscissors", "siftfunnel", "cem")
-
-
-def _write(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
 
 
 def machine() -> dict:
@@ -126,7 +122,7 @@ def run_case(ds: str, defense: str, strength: float, runs: Path, quick: bool) ->
         "seconds": {"train": round(t1 - t0, 1), "export": round(t2 - t1, 1), "attack": round(t3 - t2, 1)},
         "targets": attacks["targets"]["n"],
     }
-    _write(done, json.dumps(row, indent=2) + "\n")  # the resume marker: never half-written
+    atomic_write_json(done, row)  # the resume marker: never half-written
     return row
 
 
@@ -320,12 +316,12 @@ def main(argv=None) -> int:
               f"{args.timing_steps} steps", flush=True)
         ratios = step_time_ratios(ds, names, 2 if args.quick else args.timing_steps, args.timing_repeats, args.quick)
         timing[ds] = {**timing.get(ds, {}), **ratios}
-        _write(timing_path, json.dumps(timing, indent=2) + "\n")
+        atomic_write_json(timing_path, timing)
     rows = compare(rows, timing)
     suffix = "_quick" if args.quick else ""
     args.out.mkdir(parents=True, exist_ok=True)
     report = {"benchmark": "defenses", "quick": args.quick, "machine": machine(), "grid": GRID, "rows": rows}
-    _write(args.out / f"defenses{suffix}.json", json.dumps(report, indent=2) + "\n")
+    atomic_write_json(args.out / f"defenses{suffix}.json", report)
     png = args.out / f"defenses{suffix}.png"
     has_plot = plot(rows, png)
     order = {d: i for i, d in enumerate(["none", *GRID])}
@@ -348,7 +344,7 @@ def main(argv=None) -> int:
              "accuracy on the originals), then the defense must beat `none` in float and still on int8. "
              "int8 accuracy and int8 "
              "features include the runtime noise of `noise` and `cem` as the device adds it: noise of a step or "
-             "more is requantized onto the output range widened by 4σ (device.runner.sent_qparams), not clipped "
+             "more is requantized onto the output range widened by 4σ (device.noise.sent_qparams), not clipped "
              "at the ReLU zero point.\n",
              verdict_line(rows) + "\n"]
     for ds in dict.fromkeys(r["dataset"] for r in rows):
@@ -356,7 +352,7 @@ def main(argv=None) -> int:
         parts += [f"## {ds}\n", budget_line(ds, ds_rows) + "\n", table(ds_rows) + "\n"]
     if has_plot:
         parts.append(f"![accuracy against inverse SSIM]({png.name})\n")
-    _write(args.out / f"defenses{suffix}.md", "\n".join(parts))
+    atomic_write_text(args.out / f"defenses{suffix}.md", "\n".join(parts))
     print("\n".join(parts))
     print(f"wrote {args.out / f'defenses{suffix}.md'} and .json")
     return 0

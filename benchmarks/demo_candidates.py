@@ -22,6 +22,7 @@ CANDIDATES = [("none", 0.0, []), ("dropout", 0.5, []), ("dropout", 0.8, []), ("n
 
 
 def run(name: str, strength: float, extra: list[str], runs: Path, attacks: list[str], base_overrides: list[str]):
+    from edgeveil.device.files import atomic_write_json
     from edgeveil.pipeline.attack_stage import attack_stage
     from edgeveil.pipeline.config import load_config
     from edgeveil.pipeline.stages import export_stage, train_stage
@@ -65,7 +66,7 @@ def main(argv=None) -> int:
         print(json.dumps({k: row[k] for k in ("defense", "strength", "float_accuracy", "int8_accuracy",
                                               "outcome", "scores", "seconds")}), flush=True)
     out = REPO / "benchmarks" / "results" / "demo_candidates.json"
-    out.write_text(json.dumps({"argv": sys.argv[1:], "rows": rows}, indent=2) + "\n")
+    atomic_write_json(out, {"argv": sys.argv[1:], "rows": rows})
     return 0
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeveil.device.bench import bench_model  # numpy and the interpreter shim only
+from edgeveil.device.files import atomic_write_json, atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("EDGEVEIL_SHARED_DATA", REPO.parent / "shared" / "datasets"))
@@ -214,7 +215,7 @@ def tflite_runtime_python(venv: Path) -> Path:
             for name in ("pyproject.toml", "README.md", "training", "export", "device", "cloud_sim", "pipeline"):
                 (shutil.copytree if (REPO / name).is_dir() else shutil.copy2)(REPO / name, Path(tmp, name))
             subprocess.run(pip + ["--no-deps", "--force-reinstall", tmp], check=True, capture_output=True, text=True)
-        stamp.write_text(digest)
+        atomic_write_text(stamp, digest)
     return py
 
 
@@ -351,8 +352,8 @@ def write_report(report: dict, rows: list[dict], path: Path) -> str:
           f"Per-pass medians:\n\n{pass_table(rows)}\n\nSanity check against anchor_measurements.md:\n\n"
           + "\n".join(f"- {n}" for n in report["sanity"]) + "\n")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    path.with_suffix(".md").write_text(md)
+    atomic_write_json(path.with_suffix(".json"), report)
+    atomic_write_text(path.with_suffix(".md"), md)
     return md
 
 

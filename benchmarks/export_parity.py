@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from edgeveil.device.files import atomic_write_json, atomic_write_text
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("EDGEVEIL_SHARED_DATA", REPO.parent / "shared" / "datasets"))
 MNIST = f"npz:{SHARED / 'mnist_test.npz'}"
@@ -117,13 +119,13 @@ def main(argv=None) -> int:
     report = {"benchmark": "export_parity", "quick": args.quick, "machine": machine(), "results": results}
     suffix = "_quick" if args.quick else ""
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"export_parity{suffix}.json").write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_json(args.out / f"export_parity{suffix}.json", report)
     md = (f"# Export parity\n\nReproduce: `python benchmarks/export_parity.py{' --quick' if args.quick else ''}`\n\n"
           f"Machine: {json.dumps(report['machine'])}. Parity on 256 held-out test images through ai-edge-litert "
           "(XNNPACK on); tail accuracy on the whole test split fed each artifact's dequantized features. "
           "'steps' are errors in units of the artifact's output quantization scale (int16 steps for int16x8); "
           "'unsat.' excludes reference values outside the calibrated output range.\n\n" + table(results) + "\n")
-    (args.out / f"export_parity{suffix}.md").write_text(md)
+    atomic_write_text(args.out / f"export_parity{suffix}.md", md)
     print(f"\nwrote {args.out / f'export_parity{suffix}.json'} and .md")
     return 0
 

@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from edgeveil.device.files import atomic_write_json, atomic_write_text
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("EDGEVEIL_SHARED_DATA", REPO.parent / "shared" / "datasets"))
 CIFAR10 = f"npz:{SHARED / 'cifar10_train_jpeg.npz'},{SHARED / 'cifar10_test_jpeg.npz'}"
@@ -217,9 +219,9 @@ def main(argv=None) -> int:
     command = " ".join(["python benchmarks/targets.py", "--runs", *map(str, args.runs),
                         *(["--defended", str(args.defended)] if args.defended else [])])
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "targets.json").write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_json(args.out / "targets.json", report)
     text = markdown(report, command)
-    (args.out / "targets.md").write_text(text)
+    atomic_write_text(args.out / "targets.md", text)
     print("\n" + text)
     print(f"wrote {args.out / 'targets.json'} and {args.out / 'targets.md'}")
     return 0

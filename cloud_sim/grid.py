@@ -8,11 +8,11 @@ inside save_grid and draws with the Agg canvas, so no display or pyplot state is
 """
 from __future__ import annotations
 
-import os
-import uuid
 from pathlib import Path
 
 import numpy as np
+
+from edgeveil.device.files import atomic_path
 
 __all__ = ["save_grid"]
 
@@ -27,15 +27,8 @@ def save_grid(originals, reconstructions, path, n: int = 16, title: str | None =
     rows = _rows(originals, reconstructions, row_labels, n)
     fig = _figure(rows, title)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")  # umask applies
-    try:
-        with open(tmp, "xb") as f:
-            fig.savefig(f, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:  # umask applies
+        fig.savefig(tmp, format="png")
     return path
 
 

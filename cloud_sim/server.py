@@ -30,8 +30,8 @@ from typing import NamedTuple
 import numpy as np
 
 from edgeveil.device import wire
-from edgeveil.device.manifest import read_manifest, sha256_file
-from edgeveil.device.runner import check_noise_spec, sent_qparams
+from edgeveil.device.files import sha256_file
+from edgeveil.device.manifest import read_manifest
 from edgeveil.training.runfile import load_run
 
 from .store import FrameStore, ReplyCache, default_keys_path, features_dir, load_or_create_keys
@@ -72,10 +72,9 @@ def _check_run_dir(run_dir: Path) -> None:
 
 
 def _artifacts(manifest: dict, source: Path, feature_shape: list) -> dict[str, _Artifact]:
-    """model id (sha256[:16]) -> what its frames carry, checked against the tail's input (C, H, W) in
-    its layout. Scale and zero point are the ones the device sends with (device.runner.sent_qparams):
-    the output tensor's, widened when the manifest's inference noise is a step or more."""
-    noise = check_noise_spec(manifest.get("inference_noise"), f"{source}: field inference_noise")
+    """model id -> what its frames carry, checked against the tail's input (C, H, W) in its layout.
+    Scale and zero point are the ones the device sends with, read from the entry's `sent` (export
+    derived them: the output tensor's, widened when the inference noise is a step or more)."""
     served = {}
     for precision, entry in manifest["artifacts"].items():
         out, where = entry["outputs"][0], f"{source}: artifacts.{precision}"
@@ -90,12 +89,9 @@ def _artifacts(manifest: dict, source: Path, feature_shape: list) -> dict[str, _
             dtype = np.dtype(out["dtype"])
         except TypeError as e:
             raise ValueError(f"{where}.outputs[0].dtype {out['dtype']!r} is not a dtype") from e
-        scale, zp = out["scale"], None if out["zero_point"] is None else int(out["zero_point"])
-        if scale is not None and np.issubdtype(dtype, np.integer):  # noisy codes travel on a widened grid
-            info = np.iinfo(dtype)
-            scale, zp = sent_qparams(scale, zp, int(info.min), int(info.max), noise)
-        served[entry["sha256"][:16]] = _Artifact(entry["sha256"][:16], precision, tuple(out["shape"]),
-                                                 dtype, scale, zp, layout)
+        sent = entry["sent"]
+        served[entry["model_id"]] = _Artifact(entry["model_id"], precision, tuple(out["shape"]), dtype,
+                                              sent["scale"], sent["zero_point"], layout)
     return served
 
 

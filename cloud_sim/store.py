@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from edgeveil.device import wire
-from edgeveil.device.files import atomic_write_bytes
+from edgeveil.device.files import append_jsonl, atomic_write_bytes
 
 __all__ = ["INDEX_SCHEMA", "FrameStore", "ReplyCache", "features_dir", "read_store", "default_keys_path",
            "load_or_create_keys"]
@@ -66,8 +66,7 @@ class FrameStore:
                      "device_id": frame.device_id, "model_id": frame.model_id, "precision": precision,
                      "shape": list(frame.features.shape), "dtype": str(frame.features.dtype),
                      "sha256": hashlib.sha256(data).hexdigest(), "time": round(time.time(), 6)}
-            with open(self.folder / _INDEX, "a", encoding="utf-8") as f:
-                f.write(json.dumps(entry, sort_keys=True) + "\n")
+            append_jsonl(self.folder / _INDEX, entry, sort_keys=True)
             self._next_seq, self.stored = seq + 1, self.stored + 1
             return True
 

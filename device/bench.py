@@ -15,7 +15,6 @@ measurement in its own `python -m edgeveil.device.cli bench`.
 from __future__ import annotations
 
 import gc
-import json
 import os
 import platform
 import subprocess
@@ -27,7 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from .interpreter import RUNTIMES, Runtime, find_interpreter
-from .manifest import artifact_path, read_manifest, sha256_file
+from .files import read_json, sha256_file
+from .manifest import artifact_path, read_manifest
 
 __all__ = ["SCHEMA", "bench_model", "bench_export_dir", "machine_info", "format_table"]
 
@@ -218,7 +218,7 @@ def _bench_isolated(path: Path, runtime_name: str, **kwargs) -> dict:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"benchmark of {path} failed in a subprocess: {proc.stderr.strip()[-2000:]}")
-        return json.loads(out.read_text(encoding="utf-8"))
+        return read_json(out)
 
 
 def _rss_bytes() -> int | None:

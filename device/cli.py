@@ -46,12 +46,12 @@ def _runtime_names() -> list[str]:
 
 def _cmd_bench(args) -> int:
     from .bench import bench_model, format_table
-    from .manifest import write_json_atomic
+    from .files import atomic_write_json
 
     result = bench_model(args.model, runtime=args.runtime, runs=args.runs, warmup=args.warmup,
                          threads=args.threads, xnnpack=args.xnnpack, min_seconds=args.min_seconds)
     if args.json:
-        write_json_atomic(args.json, result)
+        atomic_write_json(args.json, result)
     if not args.quiet:
         print(format_table([result]))
         m = result["machine"]

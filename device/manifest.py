@@ -1,46 +1,51 @@
-"""The export manifest (``runs/<name>/export/manifest.json``): schema, checks, atomic JSON I/O.
+"""The export manifest (``runs/<name>/export/manifest.json``): schema and checks.
 
 Standard library only, so a board can read a manifest with nothing but Python. The exporter
 builds entries with `tensor_entry` / `artifact_entry` and validates the whole document with
-`validate_manifest` before writing; readers call `read_manifest`, which raises a ValueError
-naming the file and the field. Keys not listed here are allowed (later stages add their own,
-e.g. TFLite Micro arena bytes), so the schema only grows by adding optional fields.
+`validate_manifest` before writing it with device.files.atomic_write_json; readers call
+`read_manifest`, which raises a ValueError naming the file and the field. Keys not listed here
+are allowed (later stages add their own, e.g. TFLite Micro arena bytes), so the schema only grows
+by adding optional fields.
 
 Layout (abridged)::
 
-    {"schema": "edgeveil.manifest/1", "model_id": "<16 hex: sha256 prefix of the int8 head>",
+    {"schema": "edgeveil.manifest/2", "model_id": "<16 hex: sha256 prefix of the int8 head>",
      "source": {...}, "tools": {...}, "onnx": {...}, "converter": {...}, "calibration": {...},
      "input_spec": {"shape": [1, H, W, C], "layout": "NHWC", "dtype": "uint8",
                     "pixel_scaling": "x/255", "mean": [...], "std": [...]},
      "inference_noise": null | {...},
      "artifacts": {"int8": {"file": "head_int8.tflite", "precision": "int8", "sha256": ...,
-                            "bytes": ..., "inputs": [tensor], "outputs": [tensor],
-                            "operators": ["CONV_2D", ...], ...}, ...}}
+                            "model_id": "<sha256[:16]>", "bytes": ..., "inputs": [tensor],
+                            "outputs": [tensor], "sent": sent, "operators": ["CONV_2D", ...], ...}, ...}}
 
     tensor = {"name", "shape", "dtype", "scale", "zero_point"}   (scale/zero_point null if float)
+    sent = {"scale", "zero_point", "noise"}   the grid the device sends this artifact's features on,
+           derived once by export (device.noise.sent_qparams) for `noise`, which must be the
+           manifest's inference_noise; the output tensor's own grid unless noise widens it
+           (scale/zero_point null for a float output)
+
+Schema 2 added the per-artifact `model_id` and `sent`; an older manifest is refused (re-export).
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from pathlib import Path
 
-from .files import atomic_write_bytes
+from .files import read_json, sha256_file
 
 __all__ = [
-    "SCHEMA_VERSION", "PRECISIONS", "tensor_entry", "artifact_entry", "validate_manifest",
-    "read_manifest", "artifact_path", "sha256_file", "write_json_atomic",
+    "SCHEMA_VERSION", "PRECISIONS", "tensor_entry", "sent_entry", "artifact_entry", "validate_manifest",
+    "read_manifest", "artifact_path",
 ]
 
-SCHEMA_VERSION = "edgeveil.manifest/1"
+SCHEMA_VERSION = "edgeveil.manifest/2"
 PRECISIONS = ("fp32", "fp16", "dynamic", "int8", "int16x8")
 _TOP_FIELDS = {"schema": str, "model_id": str, "source": dict, "tools": dict, "onnx": dict,
                "converter": dict, "calibration": dict, "input_spec": dict, "artifacts": dict}
 _INPUT_SPEC_FIELDS = {"shape": list, "layout": str, "dtype": str, "pixel_scaling": str,
                       "mean": list, "std": list}
-_ARTIFACT_FIELDS = {"file": str, "precision": str, "sha256": str, "bytes": int, "inputs": list,
-                    "outputs": list, "operators": list}
+_ARTIFACT_FIELDS = {"file": str, "precision": str, "sha256": str, "model_id": str, "bytes": int,
+                    "inputs": list, "outputs": list, "sent": dict, "operators": list}
 _TENSOR_FIELDS = {"name": str, "shape": list, "dtype": str}
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _HEX16 = re.compile(r"[0-9a-f]{16}")
@@ -65,11 +70,17 @@ def tensor_entry(name: str, shape, dtype: str, scale: float | None, zero_point: 
     return entry
 
 
+def sent_entry(scale: float | None, zero_point: int | None, noise: dict | None) -> dict:
+    """The grid an artifact's features are sent on, and the noise spec it was derived for."""
+    return {"scale": None if scale is None else float(scale),
+            "zero_point": None if zero_point is None else int(zero_point), "noise": noise}
+
+
 def artifact_entry(*, file: str, precision: str, sha256: str, bytes: int, inputs: list,
-                   outputs: list, operators: list, **extra) -> dict:
-    """An artifact's manifest entry; `extra` (parity, accuracies, ...) is kept as given."""
-    entry = {"file": file, "precision": precision, "sha256": sha256, "bytes": bytes,
-             "inputs": inputs, "outputs": outputs, "operators": operators, **extra}
+                   outputs: list, sent: dict, operators: list, **extra) -> dict:
+    """An artifact's manifest entry; its model id is sha256[:16]; `extra` (parity, ...) is kept as given."""
+    entry = {"file": file, "precision": precision, "sha256": sha256, "model_id": sha256[:16], "bytes": bytes,
+             "inputs": inputs, "outputs": outputs, "sent": sent, "operators": operators, **extra}
     _check_artifact(entry, f"artifacts.{precision}")
     return entry
 
@@ -91,11 +102,7 @@ def read_manifest(path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: manifest not found (run `edgeveil export` first)")
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    return validate_manifest(obj, str(path))
+    return validate_manifest(read_json(path), str(path))
 
 
 def artifact_path(manifest_path, precision: str, manifest: dict, verify: bool = True) -> Path:
@@ -114,7 +121,8 @@ def _check_manifest(obj) -> None:
         raise _Invalid("(top level)", f"must be a JSON object, got {type(obj).__name__}")
     _check_fields(obj, _TOP_FIELDS, "")
     if obj["schema"] != SCHEMA_VERSION:
-        raise _Invalid("schema", f"is {obj['schema']!r}, expected {SCHEMA_VERSION!r}")
+        raise _Invalid("schema", f"is {obj['schema']!r}, this edgeveil reads {SCHEMA_VERSION!r}: re-run "
+                                 "`edgeveil export RUN_DIR` to rewrite the manifest")
     if not _HEX16.fullmatch(obj["model_id"]):
         raise _Invalid("model_id", f"must be 16 lowercase hex digits, got {obj['model_id']!r}")
     if "inference_noise" not in obj:
@@ -126,6 +134,9 @@ def _check_manifest(obj) -> None:
         _check_artifact(entry, f"artifacts.{key}")
         if entry["precision"] != key:
             raise _Invalid(f"artifacts.{key}.precision", f"is {entry['precision']!r}, expected {key!r}")
+        if entry["sent"]["noise"] != obj["inference_noise"]:
+            raise _Invalid(f"artifacts.{key}.sent.noise", f"is {entry['sent']['noise']!r}, but inference_noise is "
+                           f"{obj['inference_noise']!r}: re-run `edgeveil export RUN_DIR`")
 
 
 def _check_artifact(entry, where: str) -> None:
@@ -139,6 +150,8 @@ def _check_artifact(entry, where: str) -> None:
         raise _Invalid(f"{where}.file", f"must be a bare file name next to the manifest, got {name!r}")
     if not _HEX64.fullmatch(entry["sha256"]):
         raise _Invalid(f"{where}.sha256", "must be 64 lowercase hex digits")
+    if entry["model_id"] != entry["sha256"][:16]:
+        raise _Invalid(f"{where}.model_id", f"must be the first 16 digits of its sha256, got {entry['model_id']!r}")
     if entry["bytes"] <= 0:
         raise _Invalid(f"{where}.bytes", f"must be > 0, got {entry['bytes']}")
     for kind in ("inputs", "outputs"):
@@ -146,6 +159,7 @@ def _check_artifact(entry, where: str) -> None:
             raise _Invalid(f"{where}.{kind}", "is empty")
         for i, tensor in enumerate(entry[kind]):
             _check_tensor(tensor, f"{where}.{kind}[{i}]")
+    _check_sent(entry["sent"], entry["outputs"][0], f"{where}.sent")
     if not all(isinstance(op, str) and op for op in entry["operators"]):
         raise _Invalid(f"{where}.operators", "must be a list of operator names")
 
@@ -166,6 +180,23 @@ def _check_tensor(tensor, where: str) -> None:
         raise _Invalid(f"{where}.zero_point", "must be null exactly when scale is null")
 
 
+def _check_sent(sent: dict, output: dict, where: str) -> None:
+    for key in ("scale", "zero_point", "noise"):
+        if key not in sent:
+            raise _Invalid(f"{where}.{key}", "is missing (null for a float output / no noise)")
+    scale, zero_point = sent["scale"], sent["zero_point"]
+    if (scale is None) != (output["scale"] is None):
+        raise _Invalid(f"{where}.scale", "must be null exactly when the output tensor's scale is null")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0):
+        raise _Invalid(f"{where}.scale", f"must be a number > 0 or null, got {scale!r}")
+    integer = isinstance(zero_point, int) and not isinstance(zero_point, bool)
+    if (zero_point is None) != (scale is None) or not (zero_point is None or integer):
+        raise _Invalid(f"{where}.zero_point", f"must be an integer, null exactly when scale is null, "
+                                              f"got {zero_point!r}")
+    if sent["noise"] is not None and not isinstance(sent["noise"], dict):
+        raise _Invalid(f"{where}.noise", f"must be a noise spec object or null, got {sent['noise']!r}")
+
+
 def _check_fields(obj: dict, fields: dict, prefix: str) -> None:
     for key, kind in fields.items():
         if key not in obj:
@@ -176,25 +207,3 @@ def _check_fields(obj: dict, fields: dict, prefix: str) -> None:
 
 
 _JSON_NAMES = {str: "string", int: "integer", dict: "object", list: "list"}
-
-
-# ------------------------------------------------------------------------------- files
-
-
-def sha256_file(path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def write_json_atomic(path, obj) -> None:
-    """Write JSON to a temp file in the same folder, fsync it, then os.replace it into place.
-
-    NaN and infinity are refused (they are not JSON); readers never see a half-written file.
-    """
-    path = Path(path)
-    text = json.dumps(obj, indent=2, allow_nan=False) + "\n"
-    atomic_write_bytes(path, text.encode("utf-8"))

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .files import atomic_write_bytes
+from .files import atomic_write_json
 
 from .quant import dequantize
 
@@ -264,7 +264,7 @@ def new_device_key() -> bytes:
 def write_key_file(path: str | os.PathLike, keys: Mapping[str, bytes]) -> None:
     """Write {device_id: hex key} as JSON, mode 0600, atomically (temp file, then os.replace)."""
     doc = {_device_id_bytes(d).decode(): _check_key(k).hex() for d, k in keys.items()}
-    atomic_write_bytes(path, (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode("ascii"), private=True)
+    atomic_write_json(path, doc, sort_keys=True, private=True)
 
 
 def read_key_file(path: str | os.PathLike) -> dict[str, bytes]:

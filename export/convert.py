@@ -14,7 +14,6 @@ import importlib.util
 import os
 import re
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeveil.device.files import install_file
 from edgeveil.device.manifest import PRECISIONS
 
 from .errors import ExportError
@@ -69,7 +69,7 @@ def convert(onnx_path: Path, calib: np.ndarray, mean, std, out_dir: Path,
                             precisions)
         expected = {p: tmp / "out" / f"{onnx_path.stem}_{ONNX2TF_SUFFIXES[p]}.tflite" for p in precisions}
         code = _run_onnx2tf(args, tmp, tmp / "onnx2tf.log", progress)
-        _move(tmp / "onnx2tf.log", log_path)
+        install_file(tmp / "onnx2tf.log", log_path)
         _check_outputs(code, expected, onnx_path.name, log_path)
         return _install(expected, out_dir, onnx_path.stem)
 
@@ -223,25 +223,8 @@ def _excerpt(text: str, log_path: Path, n: int = 8) -> str:
     return f"last lines of {log_path}:\n    " + "\n    ".join(lines[-n:])
 
 
-def _move(src: Path, dst: Path) -> None:
-    """Rename, or copy then rename when `dst` is on another filesystem."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.replace(src, dst)
-    except OSError:
-        tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-
-
 def _install(expected: dict[str, Path], out_dir: Path, stem: str) -> dict[str, Path]:
-    final = {}
-    for precision, src in expected.items():
-        with open(src, "rb") as f:
-            os.fsync(f.fileno())
-        final[precision] = out_dir / f"{stem}_{precision}.tflite"
-        os.replace(src, final[precision])
-    return final
+    return {precision: install_file(src, out_dir / f"{stem}_{precision}.tflite") for precision, src in expected.items()}
 
 
 # ------------------------------------------------------------------------------- .tflite files

@@ -9,10 +9,11 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-import uuid
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from edgeveil.device.files import atomic_path
 
 from .errors import ExportError
 
@@ -35,16 +36,9 @@ def export_onnx(head: "nn.Module", input_shape: tuple[int, int, int], path: Path
     """
     shape = _check_shape(input_shape)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")  # umask permissions
-    try:
-        _torch_export(head, shape, Path(tmp), path.name)
-        _check_model(Path(tmp), label=str(path))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    with atomic_path(path) as tmp:  # umask permissions
+        _torch_export(head, shape, tmp, path.name)
+        _check_model(tmp, label=str(path))
 
 
 def load_onnx_checked(path) -> "onnx.ModelProto":

@@ -20,10 +20,10 @@ import numpy as np
 
 from edgeveil.device.interpreter import find_interpreter
 from edgeveil.device.interpreter import run as run_model
-from edgeveil.device.manifest import (SCHEMA_VERSION, artifact_entry, sha256_file, tensor_entry,
-                                      validate_manifest, write_json_atomic)
+from edgeveil.device.files import atomic_write_json, sha256_file
+from edgeveil.device.manifest import SCHEMA_VERSION, artifact_entry, sent_entry, tensor_entry, validate_manifest
 from edgeveil.device.quant import dequantize, tensor_qparams
-from edgeveil.device.runner import add_float_noise, add_quantized_noise, sent_qparams
+from edgeveil.device.noise import add_float_noise, add_quantized_noise, check_noise_spec, sent_qparams
 
 from .convert import ONNX2TF_SUFFIXES, PRECISIONS, check_normalization, check_precisions, convert, onnx2tf_args
 from .convert import TINY_SCALE, tflite_operators, tiny_scales
@@ -82,15 +82,16 @@ def export_run(run_dir: Path, *, precisions=PRECISIONS, calibration_samples: int
     x = normalize_pixels(splits.test.x, spec["mean"], spec["std"])
     ref = _torch_features(loaded.head, x)
     _check_feature_shape(info, ref, run_dir)
-    noise, seed = info.get("inference_noise"), int(info["seed"])
+    noise = check_noise_spec(info.get("inference_noise"), f"{run_dir / 'train' / 'model.json'}: field inference_noise")
+    seed = int(info["seed"])
     test = _TestSet(x, ref, splits.test.y, loaded.tail, min(parity_samples, len(x)),
                     _tail_accuracy(loaded.tail, add_float_noise(ref, noise, np.random.default_rng(seed))[0],
                                    splits.test.y), noise, seed)
     artifacts = _evaluate_all(runtime, paths, test, progress)
-    _check_noise(info.get("inference_noise"), artifacts)
-    manifest = _manifest(run_dir, info, spec, calibration, artifacts, seconds, precisions,
+    _check_noise(noise, artifacts)
+    manifest = _manifest(run_dir, info, noise, spec, calibration, artifacts, seconds, precisions,
                          _onnx_entry(out / "head.onnx", x[: test.n_parity], ref[: test.n_parity]))
-    write_json_atomic(out / "manifest.json", validate_manifest(manifest, str(out / "manifest.json")))
+    atomic_write_json(out / "manifest.json", validate_manifest(manifest, str(out / "manifest.json")))
     return manifest
 
 
@@ -188,12 +189,13 @@ def _evaluate(runtime, precision: str, path: Path, test: _TestSet, progress: boo
     inp, out = model.get_input_details()[0], model.get_output_details()[0]
     raw = _run_all(model, prepare_input(test.x, inp), f"{precision} on test", progress)
     features, layout = match_layout(read_output(raw, out), test.ref.shape[1:])
-    deployed, _ = match_layout(_runtime_noise(raw, out, test), test.ref.shape[1:])
+    sent = _sent_grid(out, test.noise)
+    deployed, _ = match_layout(_runtime_noise(raw, out, sent, test), test.ref.shape[1:])
     accuracy = _tail_accuracy(test.tail, deployed, test.y)
     n = test.n_parity
     return artifact_entry(
         file=path.name, precision=precision, sha256=sha256_file(path), bytes=path.stat().st_size,
-        inputs=[_tensor(inp)], outputs=[_tensor(out)], operators=tflite_operators(path),
+        inputs=[_tensor(inp)], outputs=[_tensor(out)], sent=sent, operators=tflite_operators(path),
         output_layout=layout,
         parity=parity(test.ref[:n], features[:n], tensor_qparams(out)[0], quantized_range(out)),
         tail_accuracy=accuracy, float_accuracy=test.float_accuracy,
@@ -204,7 +206,17 @@ def _evaluate(runtime, precision: str, path: Path, test: _TestSet, progress: boo
         **({"xnnpack_safe": False, "tiny_scales": tiny} if tiny else {}))
 
 
-def _runtime_noise(raw: np.ndarray, detail: dict, test: _TestSet) -> np.ndarray:
+def _sent_grid(detail: dict, noise: dict | None) -> dict:
+    """The grid the device sends this output on (the manifest entry's `sent`): derived here, once;
+    the device, the server and the attacks read it from the manifest."""
+    scale, zero_point, dtype = tensor_qparams(detail)
+    if scale is not None:
+        info = np.iinfo(dtype)
+        scale, zero_point = sent_qparams(scale, zero_point, int(info.min), int(info.max), noise)
+    return sent_entry(scale, zero_point, noise)
+
+
+def _runtime_noise(raw: np.ndarray, detail: dict, sent: dict, test: _TestSet) -> np.ndarray:
     """The raw output with the device's inference noise, as the runner adds it, as float32 features
     (dequantized on the grid the device sends; parity stays noiseless)."""
     if test.noise is None:
@@ -213,7 +225,7 @@ def _runtime_noise(raw: np.ndarray, detail: dict, test: _TestSet) -> np.ndarray:
     scale, zero_point, _ = tensor_qparams(detail)
     if scale is None:
         return add_float_noise(raw, test.noise, rng)[0]
-    noisy = add_quantized_noise(raw, scale, zero_point, test.noise, rng)
+    noisy = add_quantized_noise(raw, scale, zero_point, test.noise, rng, (sent["scale"], sent["zero_point"]))
     return dequantize(noisy.codes, noisy.scale, noisy.zero_point)
 
 
@@ -225,8 +237,8 @@ def _zero_point_share(raw: np.ndarray, detail: dict) -> float | None:
 
 
 def _check_noise(spec: dict | None, artifacts: dict) -> None:
-    """Record, per quantized artifact, the grid the device sends noisy features on and what the noise
-    becomes after rounding there; warn when it is below one output step (rounding erases most of it:
+    """Record, per quantized artifact, what the noise becomes after rounding on the grid the device
+    sends it on (the entry's `sent`); warn when it is below one output step (rounding erases most of it:
     the float evaluation would overstate it)."""
     if not spec or spec.get("kind") not in ("gaussian", "laplace"):
         return
@@ -236,15 +248,13 @@ def _check_noise(spec: dict | None, artifacts: dict) -> None:
         out = entry["outputs"][0]
         if not out.get("scale") or entry.get("zero_point_share") is None:
             continue
-        info = np.iinfo(np.dtype(out["dtype"]))
-        scale, zero_point = float(out["scale"]), int(out["zero_point"])
-        sent_scale, sent_zp = sent_qparams(scale, zero_point, int(info.min), int(info.max), spec)
+        scale, sent_scale = float(out["scale"]), entry["sent"]["scale"]
         widened = sent_scale != scale
         # On a widened grid nothing sits at the range's end, so no noise is clipped there.
         eff = effective_noise_after_rounding(float(spec["sigma"]), sent_scale, spec["kind"],
                                              0.0 if widened else entry["zero_point_share"])
         eff.update(sigma_steps=float(spec["sigma"]) / scale, below_one_step=float(spec["sigma"]) < scale,
-                   sent_scale=sent_scale, sent_zero_point=sent_zp, widened=widened)
+                   widened=widened)
         entry["noise_after_rounding"] = eff
         if eff["below_one_step"]:
             log.warning("%s: inference noise sigma %.4g is %.2f output steps (step %.4g): rounding erases most of "
@@ -288,7 +298,7 @@ def _onnx_entry(path: Path, x_nhwc: np.ndarray, ref: np.ndarray) -> dict:
 # ------------------------------------------------------------------------------- manifest
 
 
-def _manifest(run_dir: Path, info: dict, spec: dict, calibration: dict, artifacts: dict,
+def _manifest(run_dir: Path, info: dict, noise: dict | None, spec: dict, calibration: dict, artifacts: dict,
               seconds: float, precisions: tuple, onnx_entry: dict) -> dict:
     id_from = "int8" if "int8" in artifacts else next(iter(artifacts))
     c, h, w = spec["chw"]
@@ -296,7 +306,7 @@ def _manifest(run_dir: Path, info: dict, spec: dict, calibration: dict, artifact
                                         INPUT_NAME, spec["mean"], spec["std"], precisions)]
     return {
         "schema": SCHEMA_VERSION,
-        "model_id": artifacts[id_from]["sha256"][:16],
+        "model_id": artifacts[id_from]["model_id"],
         "model_id_from": id_from,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "source": _source(run_dir, info),
@@ -312,7 +322,7 @@ def _manifest(run_dir: Path, info: dict, spec: dict, calibration: dict, artifact
         "feature_shape": list(info["feature_shape"]),
         "evaluation": {"test_split": "test", "parity_samples": next(iter(artifacts.values()))["parity"]["n"],
                        "interpreter_defaults": "XNNPACK on, default threads"},
-        "inference_noise": info.get("inference_noise"),
+        "inference_noise": noise,
         "artifacts": artifacts,
     }
 

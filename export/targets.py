@@ -17,11 +17,11 @@ XNNPACK on real test images, Vela) are made once. Everything lands in manifest.j
 from __future__ import annotations
 
 import datetime
-import json
 import time
 from pathlib import Path
 
-from edgeveil.device.manifest import artifact_path, read_manifest, sha256_file, validate_manifest, write_json_atomic
+from edgeveil.device.files import atomic_write_json, read_json, sha256_file
+from edgeveil.device.manifest import artifact_path, read_manifest, validate_manifest
 
 from . import boards as board_profiles
 from .estimate import estimate_latency, macs_by_class
@@ -64,7 +64,7 @@ def target_report(export_dir, board: str, *, precision: str = "int8", write: boo
     section = _section(manifest, path, precision, analysis, target, opcheck, files, started)
     if write:
         manifest["targets"] = section
-        write_json_atomic(manifest_path, validate_manifest(manifest, str(manifest_path)))
+        atomic_write_json(manifest_path, validate_manifest(manifest, str(manifest_path)))
     return section
 
 
@@ -278,7 +278,7 @@ def current_manifest(run_dir, precisions, calibration_samples: int) -> dict | No
     path = run_dir / "export" / "manifest.json"
     try:
         manifest = read_manifest(path)
-        source, info = manifest["source"], json.loads((run_dir / "train" / "model.json").read_text())
+        source, info = manifest["source"], read_json(run_dir / "train" / "model.json")
         calibration = min(calibration_samples, info["data"]["splits"]["victim_train"]["size"])
         same = (source.get("head_pt_sha256") == sha256_file(run_dir / "train" / "head.pt")
                 and source.get("model_json_sha256") == sha256_file(run_dir / "train" / "model.json")

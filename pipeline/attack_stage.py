@@ -19,6 +19,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from edgeveil.device.files import read_json
+
 log = logging.getLogger(__name__)
 
 __all__ = ["attack_stage"]
@@ -42,11 +44,13 @@ def _to_u8(images01: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
 
 
-def _qparams(detail: dict) -> dict | None:
-    if detail.get("scale") is None:
+def _qparams(detail: dict, grid: dict | None = None) -> dict | None:
+    """{"scale", "zero_point", "qmin", "qmax"} of a tensor, on `grid` (a manifest `sent`) if given."""
+    grid = detail if grid is None else grid
+    if grid.get("scale") is None:
         return None
     info = np.iinfo(np.dtype(detail["dtype"]))
-    return {"scale": float(detail["scale"]), "zero_point": int(detail["zero_point"]),
+    return {"scale": float(grid["scale"]), "zero_point": int(grid["zero_point"]),
             "qmin": int(info.min), "qmax": int(info.max)}
 
 
@@ -54,7 +58,7 @@ class _FloatQuery:
     """The PyTorch head (and the manifest's noise, in float) as a query function."""
 
     def __init__(self, head, mean, std, noise, seed: int):
-        from edgeveil.device.runner import add_float_noise
+        from edgeveil.device.noise import add_float_noise
 
         self.head, self.mean, self.std, self.noise = head, mean, std, noise
         self._add, self._rng = add_float_noise, np.random.default_rng(seed)
@@ -89,7 +93,8 @@ def _victims(run, runners: dict, manifest: dict, seed: int) -> dict:
     for prec, runner in runners.items():
         entry = manifest["artifacts"][prec]
         out[prec] = Victim(prec, _ArtifactQuery(runner), input_quant=_qparams(entry["inputs"][0]),
-                           output_quant=_qparams(entry["outputs"][0]), **common)
+                           output_quant=_qparams(entry["outputs"][0]),
+                           sent_quant=_qparams(entry["outputs"][0], entry["sent"]), **common)
     return out
 
 
@@ -115,23 +120,20 @@ def _record_key(name: str, attack, prec: str, victim, victim_id: str, idx: np.nd
                 seed: int) -> str:
     """What an (attack, precision) result depends on; a stored result with another key is redone.
     With runtime noise, how the device applies it (the spec and the grid it sends on) is part of it."""
-    from edgeveil.device.runner import sent_qparams
-
     fields = {"attack": name, "options": attack.options, "precision": prec, "artifact": victim_id,
               "targets": hashlib.sha256(np.ascontiguousarray(idx, np.int64).tobytes()).hexdigest(),
               "aux": n_aux, "seed": seed}
     if victim.noise is not None:
-        q = victim.output_quant
-        fields["noise"] = {"spec": victim.noise, "sent": None if q is None else sent_qparams(
-            q["scale"], q["zero_point"], q["qmin"], q["qmax"], victim.noise)}
+        q = victim.sent_quant
+        fields["noise"] = {"spec": victim.noise, "sent": None if q is None else (q["scale"], q["zero_point"])}
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _load_record(folder: Path, stem: str, key: str):
     """(entry, reconstructions or None) of a finished (attack, precision), or None to (re)do it."""
     try:
-        rec = json.loads((folder / f"{stem}.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        rec = read_json(folder / f"{stem}.json")
+    except (FileNotFoundError, ValueError):
         return None
     if rec.get("key") != key:
         return None
@@ -146,8 +148,7 @@ def _load_record(folder: Path, stem: str, key: str):
 
 
 def _save_record(folder: Path, stem: str, rec: dict, recon: np.ndarray | None) -> None:
-    from edgeveil.device.files import atomic_write_bytes
-    from edgeveil.device.manifest import write_json_atomic
+    from edgeveil.device.files import atomic_write_bytes, atomic_write_json
 
     folder.mkdir(parents=True, exist_ok=True)
     if recon is not None:
@@ -155,7 +156,7 @@ def _save_record(folder: Path, stem: str, rec: dict, recon: np.ndarray | None) -
         np.savez_compressed(buf, reconstructions=np.clip(np.rint(recon * 255), 0, 255).astype(np.uint8))
         atomic_write_bytes(folder / f"{stem}.npz", buf.getvalue())
         rec["reconstructions"] = f"{stem}.npz"
-    write_json_atomic(folder / f"{stem}.json", rec)
+    atomic_write_json(folder / f"{stem}.json", rec)
 
 
 def attack_stage(cfg, run_dir: Path, names: list[str] | None = None, progress: bool = True) -> dict:
@@ -170,7 +171,7 @@ def attack_stage(cfg, run_dir: Path, names: list[str] | None = None, progress: b
     from edgeveil.cloud_sim.preflight import attack_plan, describe_plan, split_sizes
     from edgeveil.cloud_sim.verdict import verdict
     from edgeveil.cloud_sim.store import default_keys_path, load_or_create_keys
-    from edgeveil.device.manifest import write_json_atomic
+    from edgeveil.device.files import atomic_write_json
     from edgeveil.device.runner import HeadRunner
     from edgeveil.training.runfile import load_run, load_splits
 
@@ -243,7 +244,7 @@ def attack_stage(cfg, run_dir: Path, names: list[str] | None = None, progress: b
         out["attacks"][name] = entry
     out["verdict"] = verdict(out, cfg.attack.tolerance, baseline, defense=run.info.get("defense", {}).get("name"),
                              power=cfg.attack.power)
-    write_json_atomic(run_dir / "cloud" / "attacks.json", out)
+    atomic_write_json(run_dir / "cloud" / "attacks.json", out)
     return out
 
 
@@ -370,12 +371,12 @@ def _read_baseline(cfg, info: dict) -> dict | None:
         return None
     path = Path(cfg.attack.baseline) / "cloud" / "attacks.json"
     try:
-        baseline = json.loads(path.read_text())
+        baseline = read_json(path)
     except FileNotFoundError:
         raise FileNotFoundError(f"attack.baseline: {path} does not exist; run the attacks on the undefended "
                                 "baseline first (edgeveil attack BASELINE_DIR)") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"attack.baseline: {path} is not valid JSON ({e})") from None
+    except ValueError as e:
+        raise ValueError(f"attack.baseline: {e}") from None
     _check_baseline(info, Path(cfg.attack.baseline))
     return baseline
 

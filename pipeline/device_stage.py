@@ -6,7 +6,6 @@ checked against the tail's prediction computed offline from the same features.
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -24,7 +23,7 @@ def bench_stage(run_dir: Path, *, runs: int = 200, threads=(1, 2), progress: boo
     from tqdm.auto import tqdm
 
     from edgeveil.device.bench import bench_export_dir
-    from edgeveil.device.manifest import write_json_atomic
+    from edgeveil.device.files import atomic_write_json
 
     run_dir = Path(run_dir)
     with tqdm(desc="bench", unit="setting", disable=not progress) as bar:
@@ -35,7 +34,7 @@ def bench_stage(run_dir: Path, *, runs: int = 200, threads=(1, 2), progress: boo
 
         result = bench_export_dir(run_dir / "export", runs=runs, threads=threads, xnnpack=(True, False),
                                   isolate=True, on_result=on_result)
-    write_json_atomic(run_dir / "device" / "bench.json", result)
+    atomic_write_json(run_dir / "device" / "bench.json", result)
     return result
 
 
@@ -55,9 +54,8 @@ def stream_stage(run_dir: Path, base_url: str, key: bytes, *, precision: str = "
 
     from edgeveil.device import wire
     from edgeveil.device.client import CloudClient
-    from edgeveil.device.manifest import write_json_atomic
+    from edgeveil.device.files import atomic_write_json, atomic_write_jsonl
     from edgeveil.device.runner import HeadRunner
-    from edgeveil.training._io import atomic_write_jsonl
     from edgeveil.training.runfile import load_run, load_splits
 
     run_dir = Path(run_dir)
@@ -87,13 +85,12 @@ def stream_stage(run_dir: Path, base_url: str, key: bytes, *, precision: str = "
                "served_accuracy": float((served == test.y[:n]).mean()) if n else 0.0,
                "noise": runner.noise_spec}
     atomic_write_jsonl(run_dir / "device" / "sent.jsonl", sent)
-    write_json_atomic(run_dir / "device" / "stream.json", summary)
+    atomic_write_json(run_dir / "device" / "stream.json", summary)
     return summary
 
 
 def read_sent(run_dir: Path) -> dict[str, int]:
     """request id (hex) -> test-split index, as the device recorded it (ground truth for scoring only)."""
-    path = Path(run_dir) / "device" / "sent.jsonl"
-    if not path.is_file():
-        return {}
-    return {r["request_id"]: r["index"] for r in map(json.loads, path.read_text().splitlines())}
+    from edgeveil.device.files import read_jsonl
+
+    return {r["request_id"]: r["index"] for r in read_jsonl(Path(run_dir) / "device" / "sent.jsonl")}

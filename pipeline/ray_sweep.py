@@ -221,7 +221,7 @@ def run_sweep(sweep_path, out, *, address: str | None = None, max_parallel: int 
     """Run every cell; write sweep.json, each run's report and the sweep report. Returns sweep.json."""
     from tqdm.auto import tqdm
 
-    from edgeveil.device.manifest import write_json_atomic
+    from edgeveil.device.files import atomic_write_json
 
     from .report import write_report
     from .sweep import write_sweep_report
@@ -233,7 +233,7 @@ def run_sweep(sweep_path, out, *, address: str | None = None, max_parallel: int 
     sweep.out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     record = {"schema": "edgeveil.sweep/1", **sweep.plan(), "address": address or "local"}
-    write_json_atomic(sweep.out / "sweep.json", {**record, "status": "running"})
+    atomic_write_json(sweep.out / "sweep.json", {**record, "status": "running"})
     local = _connect(address, None)
     try:
         import ray
@@ -257,7 +257,7 @@ def run_sweep(sweep_path, out, *, address: str | None = None, max_parallel: int 
             write_report(cell.run_dir)
     record.update(status="failed" if failed else "done", failed=failed, cells_state=state,
                   parallel=parallel, seconds=round(time.time() - started, 1))
-    write_json_atomic(sweep.out / "sweep.json", record)
+    atomic_write_json(sweep.out / "sweep.json", record)
     if any(state[c.name]["status"] == "done" for c in sweep.cells):
         write_sweep_report(sweep.out)
     return record

@@ -8,20 +8,21 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import re
 from pathlib import Path
+
+from edgeveil.device.files import read_json
 
 __all__ = ["build_report", "write_report"]
 
 
 def _load(path: Path) -> dict | None:
     try:
-        return json.loads(path.read_text())
+        return read_json(path)
     except FileNotFoundError:
         return None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); re-run the stage that writes it") from None
+    except ValueError as e:
+        raise ValueError(f"{e}; re-run the stage that writes it") from None
 
 
 def _table(header: list[str], rows: list[list]) -> str:
@@ -290,10 +291,10 @@ def _inline(text: str, run: Path) -> str:
 
 
 def write_report(run_dir: Path) -> tuple[Path, Path]:
-    from edgeveil.training._io import atomic_write_bytes
+    from edgeveil.device.files import atomic_write_text
 
     run = Path(run_dir)
     md = build_report(run)
-    atomic_write_bytes(run / "report.md", md.encode())
-    atomic_write_bytes(run / "report.html", _md_to_html(md, run).encode())
+    atomic_write_text(run / "report.md", md)
+    atomic_write_text(run / "report.html", _md_to_html(md, run))
     return run / "report.md", run / "report.html"

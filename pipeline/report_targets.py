@@ -5,9 +5,9 @@ empty. A run without a target check gets one line saying how to make one.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from edgeveil.device.files import read_json
 from edgeveil.export.targets import human_bytes
 
 __all__ = ["section_targets"]
@@ -17,11 +17,11 @@ def section_targets(run_dir) -> tuple[list[str], list[Path]]:
     """Markdown for the targets section of report.md, and the images it references (none)."""
     path = Path(run_dir) / "export" / "manifest.json"
     try:
-        targets = json.loads(path.read_text()).get("targets")
+        targets = read_json(path).get("targets")
     except FileNotFoundError:
         targets = None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); re-run `edgeveil export`") from None
+    except ValueError as e:
+        raise ValueError(f"{e}; re-run `edgeveil export`") from None
     if not targets:
         return ["## Boards", "", "No board checked yet (`edgeveil export RUN --target BOARD`, "
                 "boards: `edgeveil list boards`)."], []

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import yaml
 
+from edgeveil.device.files import atomic_write_json, read_json
+
 from .config import Config, ConfigError, dump_config, from_dict
 
 log = logging.getLogger(__name__)
@@ -19,14 +21,10 @@ __all__ = ["train_stage", "export_stage", "read_run_config", "write_run_config"]
 _TRAIN_SECTIONS = ("data", "model", "defense", "train", "seed")
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    from edgeveil.training._io import atomic_write_bytes
-
-    atomic_write_bytes(path, text.encode())
-
-
 def write_run_config(run_dir: Path, cfg: Config) -> None:
-    _atomic_write_text(Path(run_dir) / "config.yaml", dump_config(cfg))
+    from edgeveil.device.files import atomic_write_text
+
+    atomic_write_text(Path(run_dir) / "config.yaml", dump_config(cfg))
 
 
 def read_run_config(run_dir: Path) -> Config:
@@ -159,7 +157,7 @@ def train_stage(cfg: Config, run_dir: Path, progress: bool = True) -> dict:
     _check_same_training(run_dir, cfg)
     if (train_dir / "model.json").exists():
         log.info("%s is already trained; nothing to do", train_dir)
-        return json.loads((train_dir / "metrics.json").read_text())
+        return read_json(train_dir / "metrics.json")
 
     run_dir.mkdir(parents=True, exist_ok=True)
     write_run_config(run_dir, cfg)
@@ -186,8 +184,6 @@ def train_stage(cfg: Config, run_dir: Path, progress: bool = True) -> dict:
     metrics = {"schema": "edgeveil.metrics/1", "float_test_accuracy": accuracy,
                "test_size": len(splits.test), "epochs": len(history),
                "train_seconds": info["train"]["seconds"]}
-    from edgeveil.training._io import atomic_write_json
-
     atomic_write_json(train_dir / "metrics.json", metrics)
     save_trained(train_dir, info, head, tail)
     return metrics

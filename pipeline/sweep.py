@@ -10,8 +10,9 @@ hollow markers and dotted lines are float, filled markers and solid lines int8.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from edgeveil.device.files import atomic_path, read_json
 
 __all__ = ["find_runs", "collect", "write_sweep_report"]
 
@@ -27,7 +28,7 @@ def find_runs(folder: Path) -> list[Path]:
 
 def _read(path: Path) -> dict | None:
     try:
-        return json.loads(path.read_text())
+        return read_json(path)
     except (FileNotFoundError, ValueError):  # not there yet, or left half-written by a failed run
         return None
 
@@ -94,8 +95,8 @@ def tradeoff_plot(rows: list[dict], attack: str, path: Path) -> bool:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
     return True
 
@@ -176,12 +177,12 @@ def build_sweep_report(folder: Path) -> tuple[str, list[Path]]:
 
 
 def write_sweep_report(folder: Path) -> tuple[Path, Path]:
-    from edgeveil.training._io import atomic_write_bytes
+    from edgeveil.device.files import atomic_write_text
 
     from .report import _md_to_html
 
     folder = Path(folder)
     md, _ = build_sweep_report(folder)
-    atomic_write_bytes(folder / "report.md", md.encode())
-    atomic_write_bytes(folder / "report.html", _md_to_html(md, folder).encode())
+    atomic_write_text(folder / "report.md", md)
+    atomic_write_text(folder / "report.html", _md_to_html(md, folder))
     return folder / "report.md", folder / "report.html"

@@ -24,7 +24,7 @@ from edgeveil.cloud_sim.attacks.base import AttackContext, Victim  # noqa: E402
 from edgeveil.cloud_sim.attacks.rmle import RmleAttack, fake_quantize, surrogate  # noqa: E402
 from edgeveil.cloud_sim.attacks.shadow import ShadowAttack  # noqa: E402
 from edgeveil.device.quant import dequantize, quantize  # noqa: E402
-from edgeveil.device.runner import add_float_noise, add_quantized_noise  # noqa: E402
+from edgeveil.device.noise import add_float_noise, add_quantized_noise, sent_qparams  # noqa: E402
 from edgeveil.training import archs  # noqa: E402
 
 MEAN, STD = (0.3,), (0.32,)
@@ -82,6 +82,14 @@ def _int8_qparams(aux_features: np.ndarray) -> tuple[dict, dict]:
         return {"scale": scale, "zero_point": int(round(-128 - lo / scale)), "qmin": -128, "qmax": 127}
 
     return qparams((0 - MEAN[0]) / STD[0], (1 - MEAN[0]) / STD[0]), qparams(0.0, float(aux_features.max()))
+
+
+def _sent_q(out_q: dict | None, noise: dict | None) -> dict | None:
+    """The grid the device sends noisy codes on, as export derives it into the manifest's `sent`."""
+    if out_q is None:
+        return None
+    scale, zero_point = sent_qparams(out_q["scale"], out_q["zero_point"], out_q["qmin"], out_q["qmax"], noise)
+    return {**out_q, "scale": scale, "zero_point": zero_point}
 
 
 def _int8_features(head, images: np.ndarray, in_q: dict, out_q: dict) -> np.ndarray:
@@ -172,12 +180,12 @@ def test_fake_quantize_is_the_devices_quantization_with_a_straight_through_gradi
                          ids=lambda n: f"{n['kind']}-{n.get('sigma', n.get('p'))}")
 @pytest.mark.parametrize("precision", ["float", "int8"])
 def test_surrogate_noise_is_distributed_as_the_device_adds_it(digits, victim, noise, precision):
-    """What the attack averages over matches device.runner's noise: spread and share of changed features."""
+    """What the attack averages over matches device.noise: spread and share of changed features."""
     x, _, aux, target = digits
     head, _ = victim
     in_q, out_q = _int8_qparams(_features(head, x[aux])) if precision == "int8" else (None, None)
     model = surrogate(Victim(precision, head=head, mean=MEAN, std=STD, input_quant=in_q, output_quant=out_q,
-                             noise=noise))
+                             sent_quant=_sent_q(out_q, noise), noise=noise))
     images = torch.from_numpy(x[target]).repeat(4, 1, 1, 1)
     with torch.no_grad():
         clean = model(images).numpy()
@@ -187,7 +195,9 @@ def test_surrogate_noise_is_distributed_as_the_device_adds_it(digits, victim, no
         theirs = add_float_noise(clean, noise, rng)[0] - clean
     else:
         codes = quantize(clean, out_q["scale"], out_q["zero_point"], np.int8)
-        noisy = add_quantized_noise(codes, out_q["scale"], out_q["zero_point"], noise, rng)
+        sent = _sent_q(out_q, noise)
+        noisy = add_quantized_noise(codes, out_q["scale"], out_q["zero_point"], noise, rng,
+                                    (sent["scale"], sent["zero_point"]))
         theirs = dequantize(noisy.codes, noisy.scale, noisy.zero_point) - clean
         # The output step is 0.025: 0.01 stays on the tensor's grid, 0.05 and 0.03 widen it.
         assert model.sent_quant["scale"] == noisy.scale and noisy.stats.get("widened", False) == (
@@ -205,8 +215,9 @@ def test_noise_draws_share_one_pass_through_the_head(digits, victim):
     x, _, aux, target = digits
     head, _ = victim
     in_q, out_q = _int8_qparams(_features(head, x[aux]))
+    noise = {"kind": "gaussian", "sigma": 0.05}
     model = surrogate(Victim("int8", head=head, mean=MEAN, std=STD, input_quant=in_q, output_quant=out_q,
-                             noise={"kind": "gaussian", "sigma": 0.05}))
+                             sent_quant=_sent_q(out_q, noise), noise=noise))
     images = torch.from_numpy(x[target[:16]])
     with torch.no_grad():
         z = model.clean(torch.from_numpy(x[target[16:32]]))
@@ -246,9 +257,11 @@ def test_rmle_int8_with_quantized_dropout_noise(digits, victim):
     in_q, out_q = _int8_qparams(_features(head, x[aux]))
     codes = quantize(_int8_features(head, x[target], in_q, out_q), out_q["scale"], out_q["zero_point"], np.int8)
     noise = {"kind": "dropout", "p": 0.2}
-    dropped = add_quantized_noise(codes, out_q["scale"], out_q["zero_point"], noise, np.random.default_rng(2)).codes
-    z = dequantize(dropped, out_q["scale"], out_q["zero_point"])
-    ctx = _context(digits, head, tail, z, precision="int8", input_quant=in_q, output_quant=out_q, noise=noise)
+    own = (out_q["scale"], out_q["zero_point"])  # dropout keeps the tensor's grid
+    dropped = add_quantized_noise(codes, *own, noise, np.random.default_rng(2), own).codes
+    z = dequantize(dropped, *own)
+    ctx = _context(digits, head, tail, z, precision="int8", input_quant=in_q, output_quant=out_q,
+                   sent_quant=_sent_q(out_q, noise), noise=noise)
     result = RmleAttack(**QUICK, noise_draws=2).run(ctx)
     assert result.info["noise_averaging"] == {"kind": "dropout", "draws": 2}
     assert _ssim(result) > _baselines(ctx)[1] + 0.2

@@ -154,7 +154,7 @@ def test_loss_terms_are_finite_and_gradients_reach_the_first_conv(name, trained,
 
 @pytest.mark.parametrize("name", NAMES)
 def test_inference_noise_is_a_spec_the_device_runs(name):
-    from edgeveil.device.runner import check_noise_spec
+    from edgeveil.device.noise import check_noise_spec
 
     spec = defenses.create(name, _cls(name).example_strength).inference_noise()
     assert check_noise_spec(spec) == spec
@@ -298,7 +298,7 @@ def test_noise_privacy_report_and_device_spec():
     report = clipped.privacy_report()
     assert report["epsilon"] == pytest.approx(1.0, abs=1e-3) and report["delta"] == 1e-5
     assert report["sensitivity"] == 1.0 and "replace-one" in report["neighbouring"]
-    from edgeveil.device.runner import check_noise_spec
+    from edgeveil.device.noise import check_noise_spec
 
     spec = clipped.inference_noise()
     assert check_noise_spec(spec) == spec and json.dumps(spec, allow_nan=False)
@@ -344,13 +344,14 @@ def test_rounding_model_matches_the_device_runner(kind, sigma_steps, share):
     """Closed form against the device runtime's own noise path on int8 codes (Monte Carlo): below one
     step on the tensor's grid, clipped at the zero point; from one step on, on the widened grid the
     device sends (no clipping), which is what export records in the manifest."""
-    from edgeveil.device.runner import add_quantized_noise
+    from edgeveil.device.noise import add_quantized_noise, sent_qparams
 
     rng = np.random.default_rng(0)
     n, scale = 200_000, 0.05
     codes = rng.integers(-100, 100, n).astype(np.int8)
     codes[: int(share * n)] = -128  # the zero point of ReLU features
-    noisy = add_quantized_noise(codes, scale, -128, {"kind": kind, "sigma": sigma_steps * scale}, rng)
+    spec = {"kind": kind, "sigma": sigma_steps * scale}
+    noisy = add_quantized_noise(codes, scale, -128, spec, rng, sent_qparams(scale, -128, -128, 127, spec))
     assert noisy.stats["widened"] == (sigma_steps >= 1)
     model = effective_noise_after_rounding(sigma_steps * scale, noisy.scale, kind,
                                            zero_point_share=0.0 if noisy.stats["widened"] else share)

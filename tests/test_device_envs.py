@@ -17,8 +17,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "torchvision", "tensorflow", "tf_keras", "onnx", "onnx2tf", "onnxruntime", "yaml", "tqdm")
 MODULES = ("edgeveil.device", "edgeveil.device.interpreter", "edgeveil.device.quant", "edgeveil.device.manifest",
-           "edgeveil.device.runner", "edgeveil.device.bench", "edgeveil.device.wire", "edgeveil.device.client",
-           "edgeveil.device.cli", "edgeveil.device.registry")
+           "edgeveil.device.noise", "edgeveil.device.runner", "edgeveil.device.bench", "edgeveil.device.wire",
+           "edgeveil.device.client", "edgeveil.device.cli", "edgeveil.device.registry")
 
 
 def _loaded_after(code: str) -> list[str]:

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from edgeveil.device import manifest as mf
+from edgeveil.device.files import atomic_write_json, sha256_file
 from edgeveil.device.interpreter import InterpreterError, Runtime, find_interpreter, run
 from edgeveil.device.quant import dequantize, quantize, round_half_away, tensor_qparams
 from edgeveil.export import ExportError, PRECISIONS, convert, export_onnx, load_onnx_checked, parity
@@ -494,7 +495,8 @@ def _tensor(dtype="int8", scale=0.1, zero_point=0):
 
 def _manifest() -> dict:
     entry = mf.artifact_entry(file="head_int8.tflite", precision="int8", sha256="a" * 64, bytes=100,
-                              inputs=[_tensor()], outputs=[_tensor()], operators=["CONV_2D"])
+                              inputs=[_tensor()], outputs=[_tensor()], sent=mf.sent_entry(0.1, 0, None),
+                              operators=["CONV_2D"])
     spec = {"shape": [1, 16, 16, 1], "layout": "NHWC", "dtype": "uint8", "pixel_scaling": "x/255",
             "mean": [0.5], "std": [0.25]}
     return {"schema": mf.SCHEMA_VERSION, "model_id": "a" * 16, "source": {}, "tools": {}, "onnx": {},
@@ -505,6 +507,13 @@ def _manifest() -> dict:
 @pytest.mark.parametrize("edit, field", [
     (lambda m: m.pop("model_id"), "field model_id is missing"),
     (lambda m: m.update(schema="edgeveil.manifest/0"), "field schema is 'edgeveil.manifest/0'"),
+    (lambda m: m.update(schema="edgeveil.manifest/1"),
+     r"field schema is 'edgeveil.manifest/1', this edgeveil reads 'edgeveil.manifest/2': re-run `edgeveil export"),
+    (lambda m: m["artifacts"]["int8"].update(model_id="b" * 16), "field artifacts.int8.model_id must be the first 16"),
+    (lambda m: m["artifacts"]["int8"].pop("sent"), "field artifacts.int8.sent is missing"),
+    (lambda m: m["artifacts"]["int8"]["sent"].update(zero_point=None), "field artifacts.int8.sent.zero_point"),
+    (lambda m: m.update(inference_noise={"kind": "gaussian", "sigma": 0.2}),
+     r"field artifacts.int8.sent.noise is None, but inference_noise is .*re-run `edgeveil export"),
     (lambda m: m["artifacts"]["int8"].pop("outputs"), "field artifacts.int8.outputs is missing"),
     (lambda m: m["artifacts"]["int8"].update(sha256="xyz"), "field artifacts.int8.sha256"),
     (lambda m: m["artifacts"]["int8"].update(file="../x.tflite"), "field artifacts.int8.file"),
@@ -516,7 +525,7 @@ def _manifest() -> dict:
 def test_read_manifest_names_the_file_and_field(tmp_path, edit, field):
     path = tmp_path / "manifest.json"
     good = _manifest()
-    mf.write_json_atomic(path, good)
+    atomic_write_json(path, good)
     assert mf.read_manifest(path) == good
     bad = json.loads(path.read_text())
     edit(bad)
@@ -529,18 +538,10 @@ def test_read_manifest_names_the_file_and_field(tmp_path, edit, field):
 def test_manifest_files(tmp_path):
     path = tmp_path / "manifest.json"
     path.write_text("{not json")
-    with pytest.raises(ValueError, match=rf"{path}: not valid JSON"):
+    with pytest.raises(ValueError, match=rf"{path} is not valid JSON"):
         mf.read_manifest(path)
     with pytest.raises(ValueError, match="not found"):
         mf.read_manifest(tmp_path / "missing.json")
-    with pytest.raises(ValueError):
-        mf.write_json_atomic(path, {"x": float("nan")})
-    assert path.read_text() == "{not json" and leftovers(tmp_path) == []
-    mf.write_json_atomic(path, {"schema": mf.SCHEMA_VERSION})
-    assert json.loads(path.read_text()) == {"schema": mf.SCHEMA_VERSION}
-    assert path.stat().st_mode & 0o777 == 0o666 & ~_umask()  # the umask's permissions, not mkstemp's 0600
-    (tmp_path / "a.bin").write_bytes(b"abc")
-    assert mf.sha256_file(tmp_path / "a.bin") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
 
 
 def _umask() -> int:
@@ -596,9 +597,9 @@ def test_export_run_writes_the_manifest(exported):
     assert mf.read_manifest(out / "manifest.json") == manifest
     assert sorted(p.name for p in out.iterdir()) == ["head.onnx", "head_fp32.tflite", "head_int8.tflite",
                                                      "manifest.json", "onnx2tf.log"]
-    assert manifest["model_id"] == mf.sha256_file(out / "head_int8.tflite")[:16]
-    assert manifest["source"]["head_pt_sha256"] == mf.sha256_file(run_dir / "train" / "head.pt")
-    assert manifest["onnx"]["sha256"] == mf.sha256_file(out / "head.onnx")
+    assert manifest["model_id"] == sha256_file(out / "head_int8.tflite")[:16]
+    assert manifest["source"]["head_pt_sha256"] == sha256_file(run_dir / "train" / "head.pt")
+    assert manifest["onnx"]["sha256"] == sha256_file(out / "head.onnx")
     assert manifest["inference_noise"] == {"kind": "gaussian", "sigma": 0.1}
     assert manifest["input_spec"]["shape"] == [1, 28, 28, 1] and manifest["input_spec"]["mean"] == [0.3]
     assert manifest["calibration"]["count"] == 100 and manifest["calibration"]["layout"] == "NHWC"
@@ -625,6 +626,58 @@ def test_export_run_artifacts_match_pytorch(exported):
     assert fp32["tail_accuracy"] == pytest.approx(fp32["float_accuracy"], abs=0.02)
     assert int8["tail_accuracy"] == pytest.approx(int8["float_accuracy"], abs=0.05)
     assert int8["interpreter"]["xnnpack"] is True
+
+
+@pytest.mark.convert
+def test_device_and_server_use_the_sent_grid_the_manifest_records(exported, tmp_path):
+    """Export derives the grid noisy codes travel on, once, into the manifest; the device sends its
+    codes on it and the server dequantizes received frames with it, and both agree."""
+    import shutil
+
+    from edgeveil.cloud_sim.server import Server
+    from edgeveil.cloud_sim.store import read_store
+    from edgeveil.device import wire
+    from edgeveil.device.client import CloudClient, CloudError
+    from edgeveil.device.interpreter import run as run_model
+    from edgeveil.device.runner import HeadRunner
+    from edgeveil.training.runfile import load_run, load_splits
+
+    run_dir, manifest = exported
+    entry = manifest["artifacts"]["int8"]
+    sent, out = entry["sent"], entry["outputs"][0]
+    assert sent["noise"] == manifest["inference_noise"] and entry["model_id"] == manifest["model_id"]
+    assert sent["scale"] > out["scale"]  # sigma 0.1 is more than an output step: the grid is widened
+    run = tmp_path / "run"
+    for part in ("train", "export"):
+        shutil.copytree(run_dir / part, run / part)
+
+    runner = HeadRunner(run / "export", "int8", noise_seed=0)
+    images = load_splits(load_run(run).info).test.x[:8]
+    feats = runner.run(images)
+    assert runner.model_id == entry["model_id"]
+    assert (feats.scale, feats.zero_point) == (sent["scale"], sent["zero_point"])
+    clean = dequantize(run_model(runner.loaded, runner.preprocess(images)), out["scale"], out["zero_point"])
+    noise = feats.dequantized().astype(np.float64) - clean  # the codes read on the sent grid: clean + noise
+    assert abs(noise.mean()) < 0.01 and noise.std() == pytest.approx(np.hypot(0.1, sent["scale"] / 12 ** 0.5),
+                                                                      rel=0.05)
+
+    key = bytes(range(32))
+    with Server(run, keys={"dev": key}) as srv:
+        client = CloudClient(srv.base_url, timeout=10.0, retries=1)
+        models = {m["precision"]: m["output"] for m in client.models()["models"]}
+        assert (models["int8"]["scale"], models["int8"]["zero_point"]) == (sent["scale"], sent["zero_point"])
+        replies = [client.infer(wire.encode(feats.values[i:i + 1], key=key, device_id="dev",
+                                            model_id=runner.model_id, scale=feats.scale,
+                                            zero_point=feats.zero_point)) for i in range(len(images))]
+        with pytest.raises(CloudError) as own_grid:  # the tensor's own grid is not what this device sends
+            client.infer(wire.encode(feats.values[:1], key=key, device_id="dev", model_id=runner.model_id,
+                                     scale=out["scale"], zero_point=out["zero_point"]))
+    assert own_grid.value.status == 422 and "scale" in own_grid.value.reason
+    received = np.concatenate([f.dequantized() for f in read_store(run, {"dev": key})])
+    np.testing.assert_array_equal(received, feats.dequantized())  # what the server completes on
+    with torch.no_grad():
+        offline = torch.softmax(load_run(run).tail(torch.from_numpy(feats.to_nchw())), dim=1).numpy()
+    np.testing.assert_allclose([r["probabilities"][0] for r in replies], offline, rtol=0, atol=1e-5)
 
 
 @pytest.mark.convert

@@ -52,12 +52,12 @@ def test_noise_well_above_one_step_survives_on_a_widened_grid_and_accuracy_is_as
     entry = m["artifacts"]["int8"]
     check, out_q = entry["noise_after_rounding"], entry["outputs"][0]
     assert not check["below_one_step"] and check["sigma_steps"] > 3 and check["widened"]
-    assert check["sent_scale"] > out_q["scale"]
+    assert entry["sent"]["scale"] > out_q["scale"] and entry["sent"]["noise"] == m["inference_noise"]
     assert not any("rounding erases" in r.getMessage() for r in caplog.records)
     info = read_model_info(tmp_path / "big")
     test = load_splits(info).test
     out = HeadRunner(tmp_path / "big" / "export", "int8", noise_seed=info["seed"]).run(test.x)
-    assert (out.scale, out.zero_point) == (check["sent_scale"], check["sent_zero_point"])
+    assert (out.scale, out.zero_point) == (entry["sent"]["scale"], entry["sent"]["zero_point"])
     assert out.noise["changed_fraction"] > 0.5 and out.noise["clipped_fraction"] < 1e-3
     with torch.no_grad():
         pred = load_run(tmp_path / "big").tail(torch.from_numpy(out.to_nchw())).argmax(dim=1).numpy()

@@ -14,9 +14,11 @@ import numpy as np
 import pytest
 
 from edgeveil.device.interpreter import InterpreterError, Runtime, find_interpreter
-from edgeveil.device.manifest import sha256_file
+from edgeveil.device.files import sha256_file
+from edgeveil.device.manifest import sent_entry
 from edgeveil.device.quant import dequantize
-from edgeveil.device.runner import Features, HeadRunner, add_float_noise, add_quantized_noise, sent_qparams
+from edgeveil.device.noise import add_float_noise, add_quantized_noise, sent_qparams
+from edgeveil.device.runner import Features, HeadRunner
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "digits_tiny"
 
@@ -33,12 +35,34 @@ def manifest() -> dict:
 
 
 def fixture_copy(tmp_path: Path, **manifest_changes) -> Path:
+    """The fixture export with top-level manifest fields replaced; a new inference_noise gets the sent
+    grid export would write for it (the tensor's own grid if the spec is invalid: the runner refuses it)."""
     out = tmp_path / "export"
     shutil.copytree(FIXTURE, out)
     doc = json.loads((out / "manifest.json").read_text())
     doc.update(manifest_changes)
+    for entry in doc["artifacts"].values():
+        entry["sent"] = _sent_as_export_writes(entry["outputs"][0], doc["inference_noise"])
     (out / "manifest.json").write_text(json.dumps(doc))
     return out
+
+
+def _sent_as_export_writes(out: dict, noise) -> dict:
+    scale, zero_point = out["scale"], out["zero_point"]
+    if scale is not None:
+        info = np.iinfo(np.dtype(out["dtype"]))
+        try:
+            scale, zero_point = sent_qparams(scale, zero_point, int(info.min), int(info.max), noise)
+        except ValueError:
+            pass
+    return sent_entry(scale, zero_point, noise)
+
+
+def noise_on_grid(codes: np.ndarray, scale: float, zero_point: int, spec, rng):
+    """add_quantized_noise on the grid export derives for (scale, zero_point) and spec."""
+    info = np.iinfo(np.asarray(codes).dtype)
+    sent = sent_qparams(scale, zero_point, int(info.min), int(info.max), spec)
+    return add_quantized_noise(codes, scale, zero_point, spec, rng, sent)
 
 
 def out_qparams(manifest: dict) -> tuple[float, int]:
@@ -149,6 +173,7 @@ def test_truncated_model_is_refused(tmp_path):
     # even with a manifest that vouches for the truncated file, the interpreter error names the file
     doc = json.loads((out / "manifest.json").read_text())
     doc["artifacts"]["int8"]["sha256"] = sha256_file(model)
+    doc["artifacts"]["int8"]["model_id"] = sha256_file(model)[:16]
     (out / "manifest.json").write_text(json.dumps(doc))
     with pytest.raises(InterpreterError, match=r"head_int8\.tflite.*cannot load"):
         HeadRunner(out, "int8")
@@ -279,24 +304,24 @@ def test_sent_qparams():
 def test_quantized_noise_closed_forms_on_many_codes():
     rng = np.random.default_rng(1)
     mid = np.zeros(200_000, np.int8)
-    noisy = add_quantized_noise(mid, 0.5, 0, {"kind": "gaussian", "sigma": 1.0}, rng)  # 2 steps: widened
+    noisy = noise_on_grid(mid, 0.5, 0, {"kind": "gaussian", "sigma": 1.0}, rng)  # 2 steps: widened
     stats, s = noisy.stats, noisy.scale
     assert noisy.zero_point == 0 and s == pytest.approx(135.5 / 255)  # 0.0 stays a code: rounding as before
     assert stats["effective_std"] == pytest.approx(s * math.sqrt((1.0 / s) ** 2 + 1 / 12), rel=0.01)
     assert stats["clipped_fraction"] == 0
     assert stats["changed_fraction"] == pytest.approx(math.erfc(0.5 * s / math.sqrt(2)), abs=0.005)
     floor = np.full(200_000, -128, np.int8)
-    out = add_quantized_noise(floor, 0.5, -128, {"kind": "gaussian", "sigma": 1.0}, rng)
+    out = noise_on_grid(floor, 0.5, -128, {"kind": "gaussian", "sigma": 1.0}, rng)
     applied = dequantize(out.codes, out.scale, out.zero_point)
     assert abs(applied.mean()) < 0.01 and out.stats["clipped_fraction"] < 1e-4  # was 0.40 on the own grid
-    noisy = add_quantized_noise(mid, 0.5, 0, {"kind": "laplace", "sigma": 1.0}, rng)
+    noisy = noise_on_grid(mid, 0.5, 0, {"kind": "laplace", "sigma": 1.0}, rng)
     s = noisy.scale
     assert noisy.stats["nominal_std"] == pytest.approx(math.sqrt(2))
     assert noisy.stats["effective_std"] == pytest.approx(s * math.sqrt(2 / s ** 2 + 1 / 12), rel=0.02)
-    tiny, _, _, stats = add_quantized_noise(mid, 0.5, 0, {"kind": "gaussian", "sigma": 0.05}, rng)  # 0.1 step
+    tiny, _, _, stats = noise_on_grid(mid, 0.5, 0, {"kind": "gaussian", "sigma": 0.05}, rng)  # 0.1 step
     assert stats["changed_fraction"] < 1e-4 and not stats["widened"]
     assert np.count_nonzero(tiny) == round(stats["changed_fraction"] * mid.size)
-    same = add_quantized_noise(mid, 0.5, 0, None, rng)
+    same = noise_on_grid(mid, 0.5, 0, None, rng)
     assert same.codes is mid and same.stats is None and (same.scale, same.zero_point) == (0.5, 0)
 
 
@@ -342,7 +367,7 @@ def test_dropout_sets_codes_to_the_zero_point(expected, manifest):
     scale, zero_point = out_qparams(manifest)
     codes = np.tile(expected["codes_ref"], (8, 1, 1, 1))
     rng = np.random.default_rng(0)
-    out, sent_scale, sent_zp, stats = add_quantized_noise(codes, scale, zero_point, {"kind": "dropout", "p": 0.3}, rng)
+    out, sent_scale, sent_zp, stats = noise_on_grid(codes, scale, zero_point, {"kind": "dropout", "p": 0.3}, rng)
     assert (sent_scale, sent_zp) == (scale, zero_point)  # dropout keeps the grid
     moved = out != codes
     assert np.all(out[moved] == zero_point)

@@ -66,6 +66,21 @@ def _copy_run(run_dir, dest):
     return dest
 
 
+def _with_noise(manifest: dict, spec: dict) -> dict:
+    """The manifest as export writes it for inference noise `spec`: each artifact's sent grid derived for it."""
+    from edgeveil.device.noise import sent_qparams
+
+    manifest["inference_noise"] = spec
+    for entry in manifest["artifacts"].values():
+        out = entry["outputs"][0]
+        scale, zero_point = out["scale"], out["zero_point"]
+        if scale is not None:
+            info = np.iinfo(np.dtype(out["dtype"]))
+            scale, zero_point = sent_qparams(scale, zero_point, int(info.min), int(info.max), spec)
+        entry["sent"] = {"scale": scale, "zero_point": zero_point, "noise": spec}
+    return manifest
+
+
 def _frame(runner, feats, i=0, n=1, **override) -> bytes:
     args = {"key": KEY, "device_id": DEV, "model_id": runner.model_id, "scale": feats.scale,
             "zero_point": feats.zero_point, **override}
@@ -227,8 +242,7 @@ def test_noisy_frames_travel_on_the_widened_grid(run_dir, tmp_path, split_test):
     path = run / "export" / "manifest.json"
     manifest = json.loads(path.read_text())
     out = manifest["artifacts"]["int8"]["outputs"][0]
-    manifest["inference_noise"] = {"kind": "gaussian", "sigma": 3 * out["scale"]}
-    path.write_text(json.dumps(manifest))
+    path.write_text(json.dumps(_with_noise(manifest, {"kind": "gaussian", "sigma": 3 * out["scale"]})))
     runner = HeadRunner(run / "export", "int8", noise_seed=0)
     feats = runner.run(split_test.x[:2])
     assert feats.scale > out["scale"] and feats.noise["widened"]

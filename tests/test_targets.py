@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from conftest import QUICK, one_torch_thread
-from edgeveil.device.manifest import read_manifest, sha256_file
+from edgeveil.device.files import sha256_file
+from edgeveil.device.manifest import read_manifest
 from edgeveil.export.boards import get_board, load_boards
 from edgeveil.export.carray import NotFullInteger
 from edgeveil.export.estimate import _in_fresh_process, estimate_latency, macs_by_class
@@ -169,7 +170,8 @@ def test_an_operator_tflite_micro_lacks_is_named_and_nothing_is_written(exported
         stale.unlink()
     shutil.copyfile(gelu_model, export / "head_int8.tflite")
     manifest = json.loads((export / "manifest.json").read_text())
-    manifest["artifacts"]["int8"].update(sha256=sha256_file(gelu_model), bytes=gelu_model.stat().st_size)
+    sha = sha256_file(gelu_model)
+    manifest["artifacts"]["int8"].update(sha256=sha, model_id=sha[:16], bytes=gelu_model.stat().st_size)
     (export / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(UnsupportedOperator, match=r"TFLite Micro has no kernel for GELU"):
         target_report(export, "stm32h743")

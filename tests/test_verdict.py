@@ -213,7 +213,7 @@ def _outlier_head(run: Path, bias: float) -> None:
     `bias`), which the tail ignores (its first convolution's weights on that channel zeroed)."""
     import torch
 
-    from edgeveil.training.runfile import sha256_file
+    from edgeveil.device.files import sha256_file
 
     info = json.loads((run / "train" / "model.json").read_text())
     for name in ("head.pt", "tail.pt"):

@@ -6,12 +6,10 @@ trained (input shape and per-channel normalization).
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import NamedTuple
 
-from ._io import atomic_torch_save, atomic_write_json
+from edgeveil.device.files import atomic_write_bytes, atomic_write_json, read_json, sha256_file
 
 __all__ = ["MODEL_SCHEMA", "LoadedRun", "save_trained", "read_model_info", "load_run", "load_splits"]
 
@@ -25,12 +23,15 @@ class LoadedRun(NamedTuple):
     tail: "object"
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def atomic_torch_save(path: Path, obj) -> None:
+    """torch.save into memory, then device.files' atomic write (a kill never leaves a torn checkpoint)."""
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def save_trained(train_dir: Path, info: dict, head, tail) -> None:
@@ -48,10 +49,7 @@ def read_model_info(run_dir: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: is {run_dir} a trained run directory? "
                                 f"(run `edgeveil train --out {run_dir}` first)")
-    try:
-        info = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    info = read_json(path)
     if not isinstance(info, dict) or info.get("schema") != MODEL_SCHEMA:
         got = info.get("schema") if isinstance(info, dict) else type(info).__name__
         raise ValueError(f"{path}: field schema is {got!r}, expected {MODEL_SCHEMA!r}")

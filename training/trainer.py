@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._io import atomic_torch_save, atomic_write_jsonl, read_jsonl
+from edgeveil.device.files import atomic_write_jsonl, read_jsonl
+
+from .runfile import atomic_torch_save
 
 log = logging.getLogger(__name__)
 

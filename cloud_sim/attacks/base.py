@@ -49,6 +49,9 @@ class Victim:
     mean, std: the head's input normalization, (x - mean) / std per channel, x in [0, 1].
     input_quant, output_quant: {"scale", "zero_point", "qmin", "qmax"} of an integer artifact's
     input and output tensors (None for float artifacts): fake-quantize with these to mimic it.
+    sent_quant: the same for the grid the artifact's noisy codes are sent on (the manifest entry's
+    `sent`, which export derived): the output tensor's own unless inference noise widened it. None
+    for float artifacts; required with noise on an integer artifact.
     noise: the inference-time noise spec the runtime adds after the head (manifest
     `inference_noise`), or None.
     arch: how the head is built, from model.json: {"arch", "split", "width", "in_channels",
@@ -64,6 +67,7 @@ class Victim:
     std: tuple = (1.0,)
     input_quant: dict | None = None
     output_quant: dict | None = None
+    sent_quant: dict | None = None
     noise: dict | None = None
     num_classes: int = 0
     arch: dict | None = None

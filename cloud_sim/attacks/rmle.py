@@ -33,7 +33,7 @@ Choices where the paper is silent or where the deployment differs from its float
   feature units, dropout sets a feature to 0.0, and a `clip_norm` first scales each image's
   features down to that norm, as on the device. For integer artifacts the noise is added to the
   fake-quantized features, which are quantized again on the grid the device sends them on
-  (device.runner.sent_qparams: widened for noise of a step or more), as add_quantized_noise does.
+  (the manifest's `sent`: widened for noise of a step or more), as add_quantized_noise does.
 
 He et al. report SSIM 0.9969 / 0.5998 on MNIST (LeNet, split conv1 / ReLU2) and 0.9960 / 0.6940 /
 0.1625 on CIFAR-10 (split conv11 / ReLU22 / ReLU32). With the defaults here, on 32 to 64 held-out
@@ -51,7 +51,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgeveil.device.runner import check_noise_spec, sent_qparams
+from edgeveil.device.noise import check_noise_spec
 
 from .base import (NON_NEGATIVE, POSITIVE, Attack, AttackContext, AttackResult, ThreatModel, Victim, option_problems,
                    resolve_device)
@@ -132,23 +132,24 @@ class Surrogate(nn.Module):
 
     head: a frozen copy of the given float head (eval mode); mean, std: the head's input
     normalization per channel; input_quant / output_quant: qparams of an integer artifact
-    (None: float); noise: the runtime noise spec (None: none). forward(x, generator) adds a
+    (None: float); noise: the runtime noise spec (None: none); sent_quant: qparams of the grid the
+    noisy codes are sent on (the manifest's `sent`; needed with noise on an integer artifact). forward(x, generator) adds a
     draw of the noise when given a torch.Generator, and is deterministic without one.
     """
 
     def __init__(self, head: nn.Module, mean, std, input_quant: dict | None = None,
-                 output_quant: dict | None = None, noise: dict | None = None):
+                 output_quant: dict | None = None, noise: dict | None = None,
+                 sent_quant: dict | None = None):
         super().__init__()
         self.head = copy.deepcopy(head).eval().requires_grad_(False)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).reshape(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).reshape(1, -1, 1, 1))
         self.input_quant, self.output_quant = input_quant, output_quant
         self.noise = check_noise_spec(noise, "victim.noise")
-        self.sent_quant = output_quant  # the grid noisy codes are sent on (device.runner.sent_qparams)
-        if output_quant is not None and self.noise is not None:
-            scale, zero_point = sent_qparams(output_quant["scale"], output_quant["zero_point"],
-                                             output_quant["qmin"], output_quant["qmax"], self.noise)
-            self.sent_quant = {**output_quant, "scale": scale, "zero_point": zero_point}
+        if output_quant is not None and self.noise is not None and sent_quant is None:
+            raise ValueError("victim.sent_quant is missing: with inference noise on an integer artifact the "
+                             "surrogate needs the grid the codes are sent on (the manifest entry's `sent`)")
+        self.sent_quant = output_quant if sent_quant is None else sent_quant  # the grid noisy codes are sent on
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         z = self.clean(x)
@@ -188,7 +189,8 @@ def surrogate(victim: Victim, head: nn.Module | None = None, input_quant: bool =
     """The differentiable stand-in for the victim's artifact: its head (or `head`), normalization,
     I/O fake quantization (input only with input_quant=True) and runtime noise."""
     return Surrogate(victim.head if head is None else head, victim.mean, victim.std,
-                     victim.input_quant if input_quant else None, victim.output_quant, victim.noise)
+                     victim.input_quant if input_quant else None, victim.output_quant, victim.noise,
+                     victim.sent_quant)
 
 
 # ---------------------------------------------------------------- the optimization

@@ -163,7 +163,7 @@ class _Service:
             if e.field == "tag":
                 raise _Reject(401, "tag", f"authentication failed: {e}", auth) from e
             if e.field == "model_id":
-                got = bytes(memoryview(body)[10:18]).hex()
+                got = wire.peek_header(body).model_id
                 served = ", ".join(f"{m} ({a.precision})" for m, a in self.artifacts.items())
                 raise _Reject(404, "model_id", f"unknown model id {got}; this server serves {served}") from e
             raise _Reject(400, e.field, f"malformed frame: {e}") from e

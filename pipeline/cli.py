@@ -62,6 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --host")
+    sv.add_argument("--store-cap", type=int, default=10_000, metavar="N",
+                    help="keep at most N frames in cloud/features (default 10000); later ones are answered, not kept")
     sv.add_argument("--replay-tolerance", type=float, default=300.0, metavar="SECONDS",
                     help="refuse frames whose timestamp is further than this from the server's clock (default 300)")
     sv.add_argument("--retry-window", type=float, default=60.0, metavar="SECONDS",
@@ -200,7 +202,8 @@ def _cmd_serve(args) -> int:
     from edgeveil.cloud_sim.server import serve_forever
 
     serve_forever(args.run_dir, host=args.host, port=args.port, allow_remote=args.allow_remote,
-                  replay_tolerance=args.replay_tolerance, retry_window=args.retry_window)
+                  store_cap=args.store_cap, replay_tolerance=args.replay_tolerance,
+                  retry_window=args.retry_window)
     return 0
 
 

@@ -2,7 +2,6 @@
 and a real `edgeveil serve` process killed -9 mid-stream that ends with every frame stored once."""
 from __future__ import annotations
 
-import http.client
 import json
 import shutil
 import socket
@@ -10,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.parse
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,6 +21,8 @@ from edgeveil.device import wire
 from edgeveil.device.client import CloudClient, CloudError
 from edgeveil.device.runner import HeadRunner
 from edgeveil.training.runfile import load_splits, read_model_info
+
+REPO = Path(__file__).resolve().parents[1]
 
 DEV, KEY = "pi4-replay", bytes(range(7, 39))
 CLIENT = {"timeout": 10.0, "retries": 1}
@@ -255,7 +256,7 @@ def test_a_server_killed_mid_stream_stores_every_frame_exactly_once(run_dir, tmp
     run = _copy_run(run_dir, tmp_path / "run")
     wire.write_key_file(default_keys_path(run), {DEV: KEY})
     frames = [_frame(runner, feats, i) for i in range(1000)]
-    port, replies, failures = _free_port(), [], []
+    port, replies, failures, killed_at = _free_port(), [], [], []
 
     def stream():
         client = CloudClient(f"http://127.0.0.1:{port}", timeout=10.0, retries=500, backoff=0.05, max_backoff=1.0)
@@ -272,6 +273,7 @@ def test_a_server_killed_mid_stream_stores_every_frame_exactly_once(run_dir, tmp
         try:
             for kill_at in (300, 700):
                 _wait_for(replies, kill_at, streamer)
+                killed_at.append(len(replies))
                 proc.kill()  # SIGKILL: no shutdown, no flush, whatever request is in flight
                 proc.wait()
                 proc = _start_server(run, port, log_file)
@@ -280,6 +282,7 @@ def test_a_server_killed_mid_stream_stores_every_frame_exactly_once(run_dir, tmp
             proc.terminate()
             proc.wait(timeout=30)
     assert not failures and len(replies) == 1000, failures
+    assert all(n < 1000 for n in killed_at), f"the stream was over before the kill: {killed_at}"
     sent = [wire.decode(f, {DEV: KEY}) for f in frames]
     assert [r["request_id"] for r in replies] == [f.request_id.hex() for f in sent]
     stored = read_store(run, {DEV: KEY})
@@ -287,3 +290,30 @@ def test_a_server_killed_mid_stream_stores_every_frame_exactly_once(run_dir, tmp
     assert all(np.array_equal(s.features, f.features) for s, f in zip(stored, sent))
     index = [json.loads(x) for x in (features_dir(run) / "index.jsonl").read_text().splitlines()]
     assert [e["seq"] for e in index] == list(range(1000))
+
+
+# ------------------------------------------------------------------------------- the load benchmark
+
+
+def test_load_benchmark_quick(run_dir, tmp_path):
+    """benchmarks/load.py --quick on this module's run (~15 s): nothing lost or stored twice, no crash
+    and no forgery under fuzzing, and the replay table's statuses."""
+    out = tmp_path / "results"
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "load.py"), "--quick", "--run", str(run_dir),
+                           "--out", str(out)], capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-5000:]
+    assert "| devices | requests | answered |" in done.stdout and "## Replays" in done.stdout
+    report = json.loads((out / "load_quick.json").read_text())
+    load = report["load"]
+    assert (load["requests"], load["answered"], load["stored"]) == (100, 100, 100)
+    assert (load["lost"], load["stored_twice"], load["failed"], load["unexpected_stored"]) == (0, 0, 0, 0)
+    assert 0 < load["p50_ms"] <= load["p99_ms"] and load["throughput_rps"] > 0
+    for name in ("fuzz_decoder", "fuzz_http"):
+        assert report[name]["crashes"] == 0 and report[name]["forgeries_accepted"] == 0, report[name]
+    assert sum(report["fuzz_decoder"]["outcomes"].values()) == 2000
+    assert "200" not in report["fuzz_http"]["statuses"] and report["fuzz_http"]["stored_by_fuzz"] == 0
+    assert report["fuzz_http"]["alive_after"]
+    got = [(r["status"], r["stored_delta"]) for r in report["replays"]]
+    assert got == [(200, 1), (200, 0), (409, 0), (409, 0), (400, 0), (400, 0), (400, 0), (400, 0), (200, 1),
+                   (409, 0), (409, 0)], report["replays"]
+    assert not (out / "load.json").exists()  # --quick never overwrites the full results

@@ -340,13 +340,16 @@ def render(report: dict) -> str:
            f"{ld['stored_twice']} | {ld['lost']} | {ld['duplicate_replies']} | {ld['p50_ms']} | {ld['p99_ms']} | "
            f"{ld['throughput_rps']} |\n",
            "Stored, stored twice and lost are counted from the store on disk (every frame re-verified), not from "
-           "the replies.\n"]
+           "the replies. The server handles one frame at a time (tail inference, two fsyncs), so with 32 devices "
+           "sending back to back the latency is mostly queueing: about devices / throughput.\n"]
     for name, title in (("fuzz_decoder", "at `wire.decode`"), ("fuzz_http", "over HTTP (`POST /v1/infer`)")):
         f = report[name]
         counts = f.get("outcomes") or f.get("statuses")
         out += [f"## Fuzz {title}: {f['frames']:,} frames\n", "| outcome | count |", "|---|---|",
                 *[f"| {k} | {v:,} |" for k, v in counts.items()],
-                f"| **crashes** | **{f['crashes']}** |", f"| **forgeries accepted** | **{f['forgeries_accepted']}** |\n"]
+                f"| **crashes** | **{f['crashes']}** |", f"| **forgeries accepted** | **{f['forgeries_accepted']}** |",
+                *([f"| frames the fuzz added to the store | {f['stored_by_fuzz']} |"] if "stored_by_fuzz" in f else []),
+                ""]
     out += ["Mutations (seeded): random bytes, one bit flipped, one byte changed, 1-5 header bytes changed, "
             "truncated, extended, two frames spliced, re-signed under another key.\n",
             f"## Replays (server: `--replay-tolerance {TOLERANCE_S} --retry-window {s['retry_s']}`)\n",

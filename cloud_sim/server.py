@@ -37,7 +37,7 @@ from edgeveil.device.manifest import read_manifest, sha256_file
 from edgeveil.device.runner import check_noise_spec, sent_qparams
 from edgeveil.training.runfile import load_run
 
-from .replay import Full, ReplayWindow, Seen, Stale
+from .replay import Full, Replayed, ReplayWindow, Seen, Stale
 from .store import FrameStore, ReplyCache, default_keys_path, features_dir, load_or_create_keys
 
 __all__ = ["create_app", "Server", "load_or_create_keys", "serve_forever", "default_keys_path"]
@@ -160,8 +160,8 @@ class _Service:
             raise _Reject(400, e.field, str(e)) from e
         except Full as e:
             raise _Reject(503, e.field, str(e), {"Retry-After": "1"}) from e
-        except ValueError as e:  # Replayed
-            raise _Reject(409, "request_id", str(e)) from e
+        except Replayed as e:
+            raise _Reject(409, e.field, str(e)) from e
 
     def _decode(self, body: bytes) -> wire.Frame:
         unknown = []

@@ -295,8 +295,9 @@ def test_a_server_killed_mid_stream_stores_every_frame_exactly_once(run_dir, tmp
 # ------------------------------------------------------------------------------- the load benchmark
 
 
+@pytest.mark.slow
 def test_load_benchmark_quick(run_dir, tmp_path):
-    """benchmarks/load.py --quick on this module's run (~15 s): nothing lost or stored twice, no crash
+    """benchmarks/load.py --quick on this module's run (17 s alone, 26 s beside other suites: slow): nothing lost or stored twice, no crash
     and no forgery under fuzzing, and the replay table's statuses."""
     out = tmp_path / "results"
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "load.py"), "--quick", "--run", str(run_dir),

@@ -22,7 +22,6 @@ CANDIDATES = [("none", 0.0, []), ("dropout", 0.5, []), ("dropout", 0.8, []), ("n
 
 
 def run(name: str, strength: float, extra: list[str], runs: Path, attacks: list[str], base_overrides: list[str]):
-    from edgeveil.device.files import atomic_write_json
     from edgeveil.pipeline.attack_stage import attack_stage
     from edgeveil.pipeline.config import load_config
     from edgeveil.pipeline.stages import export_stage, train_stage
@@ -51,6 +50,8 @@ def run(name: str, strength: float, extra: list[str], runs: Path, attacks: list[
 
 
 def main(argv=None) -> int:
+    from edgeveil.device.files import atomic_write_json
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=Path, default=Path("/tmp/demo_candidates"))
     ap.add_argument("--attacks", default="inverse,rmle")

@@ -4,15 +4,18 @@
         CloudClient(srv.base_url).infer(frame)             # (create_app(...) for any ASGI server)
 
 POST /v1/infer  one wire frame (application/octet-stream) -> 200 {"request_id", "model_id", "precision",
-                "classes": [B], "probabilities": [B][num_classes], "class" (B = 1)}. 400 malformed frame
-                or empty body, 401 unknown device or bad tag, 404 unknown model id, 405 not POST, 409 a
-                request id reused for another frame, 413 body over max_body, 415 not octet-stream, 422
-                frame unlike the artifact's output (dtype, dims, scale, zero_point, non-finite values).
+                "classes": [B], "probabilities": [B][num_classes], "class" (B = 1), "duplicate"}. 400
+                malformed frame, empty body, or a timestamp outside ±replay_tolerance s of the server's
+                clock, 401 unknown device or bad tag, 404 unknown model id, 405 not POST, 409 a request
+                id reused for another frame, or resent after retry_window s, 413 body over max_body, 415
+                not octet-stream, 422 frame unlike the artifact's output (dtype, dims, scale, zero_point,
+                non-finite values), 503 (Retry-After) the replay window is full.
 GET /v1/health  {"status", "model_ids", "stored", "dropped", "answered", "duplicates", "uptime_s"}
 GET /v1/models  {"models": [{model_id, precision, output {shape, dtype, scale, zero_point, layout},
                 feature_shape, arch, split, defense, num_classes}, ...]}
-Errors are {"detail", "field"}. A repeated (device_id, request_id) gets the cached reply; it is not run,
-stored or counted again.
+Errors are {"detail", "field"}. The same bytes again within retry_window s of their first arrival (a
+client retrying after a lost reply) get 200 with "duplicate": true; they are not stored or counted as
+answered again. Request ids are remembered across restarts (cloud_sim.replay).
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ from edgeveil.device.files import sha256_file
 from edgeveil.device.manifest import read_manifest
 from edgeveil.training.runfile import load_run
 
+from .replay import Full, Replayed, ReplayWindow, Seen, Stale
 from .store import FrameStore, ReplyCache, default_keys_path, features_dir, load_or_create_keys
 
 __all__ = ["create_app", "Server", "load_or_create_keys", "serve_forever", "default_keys_path"]
@@ -99,7 +103,7 @@ class _Service:
     """Verifies, completes and stores frames; `handle` is thread safe (one request at a time)."""
 
     def __init__(self, run_dir: Path, keys: Mapping[str, bytes], max_body: int, store_cap: int,
-                 dedupe_cap: int, device: str):
+                 dedupe_cap: int, device: str, replay_tolerance: float, retry_window: float):
         import torch
 
         if not isinstance(keys, Mapping) or not keys:
@@ -118,6 +122,9 @@ class _Service:
         self.keys, self.max_body, self.device, self.torch = keys, max_body, device, torch
         self.store = FrameStore(features_dir(run_dir), store_cap)
         self.cache = ReplyCache(dedupe_cap)
+        self.replay = ReplayWindow(self.store.folder / "replay.jsonl", tolerance_s=replay_tolerance,
+                                   retry_s=retry_window)
+        self.replay.restore(self.store.accepted())
         self.answered = self.duplicates = 0
         self.started = time.monotonic()
         self._lock = threading.Lock()
@@ -126,20 +133,31 @@ class _Service:
         frame = self._decode(body)
         key, digest = (frame.device_id, frame.request_id), hashlib.sha256(body).hexdigest()
         with self._lock:
-            cached = self.cache.get(key)
-            if cached is not None:
-                if cached[0] != digest:
-                    raise _Reject(409, "request_id", f"request id {frame.request_id.hex()} of "
-                                  f"{frame.device_id!r} was already used for a different frame")
+            if self._admit(frame, digest) is not None:  # the same bytes again, within the retry window
                 self.duplicates += 1
-                return cached[1]
+                cached = self.cache.get(key)  # gone after a restart: the tail answers again, nothing is kept
+                reply = cached[1] if cached else self._complete(frame, self.artifacts[frame.model_id])
+                return {**reply, "duplicate": True}
             art = self.artifacts[frame.model_id]
             _check_matches(frame, art)
-            reply = self._complete(frame, art)
-            self.store.add(body, frame, art.precision)
+            reply = {**self._complete(frame, art), "duplicate": False}
+            stored = self.store.add(body, frame, art.precision)  # durable before the reply leaves
+            seen = Seen(frame.device_id, frame.request_id, digest, self.replay.clock(), frame.timestamp_us)
+            self.replay.remember(seen, durable=not stored)
             self.cache.put(key, digest, reply)
             self.answered += 1
             return reply
+
+    def _admit(self, frame: wire.Frame, digest: str) -> Seen | None:
+        """The replay window's answer (None: a fresh frame), its refusals as HTTP statuses."""
+        try:
+            return self.replay.check(frame.device_id, frame.request_id, digest, frame.timestamp_us)
+        except Stale as e:
+            raise _Reject(400, e.field, str(e)) from e
+        except Full as e:
+            raise _Reject(503, e.field, str(e), {"Retry-After": "1"}) from e
+        except Replayed as e:
+            raise _Reject(409, e.field, str(e)) from e
 
     def _decode(self, body: bytes) -> wire.Frame:
         unknown = []
@@ -159,7 +177,7 @@ class _Service:
             if e.field == "tag":
                 raise _Reject(401, "tag", f"authentication failed: {e}", auth) from e
             if e.field == "model_id":
-                got = bytes(memoryview(body)[10:18]).hex()
+                got = wire.peek_header(body).model_id
                 served = ", ".join(f"{m} ({a.precision})" for m, a in self.artifacts.items())
                 raise _Reject(404, "model_id", f"unknown model id {got}; this server serves {served}") from e
             raise _Reject(400, e.field, f"malformed frame: {e}") from e
@@ -215,14 +233,18 @@ def _check_matches(frame: wire.Frame, art: _Artifact) -> None:
 
 
 def create_app(run_dir: Path, *, keys: Mapping[str, bytes], max_body: int = 8 << 20, store_cap: int = 10_000,
-               dedupe_cap: int = 4096, device: str = "cpu"):
+               dedupe_cap: int = 4096, device: str = "cpu", replay_tolerance: float = 300.0,
+               retry_window: float = 60.0):
     """The FastAPI app serving one run directory (see the module docstring). Raises at once,
-    naming the file, if the run has no trained model or no export."""
+    naming the file, if the run has no trained model or no export. replay_tolerance: the accepted
+    timestamp skew in seconds (±); retry_window: how long after its first arrival the same frame
+    counts as a retry (200, "duplicate") rather than a replay (409)."""
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse
     from starlette.concurrency import run_in_threadpool
 
-    service = _Service(Path(run_dir), keys, max_body, store_cap, dedupe_cap, device)
+    service = _Service(Path(run_dir), keys, max_body, store_cap, dedupe_cap, device, replay_tolerance,
+                       retry_window)
     app = FastAPI(title="edgeveil cloud", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = service
 

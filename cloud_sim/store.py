@@ -5,7 +5,9 @@ Layout (``runs/<name>/cloud/features/``)::
     00000000-<request_id hex>.evf   the frame exactly as received (HMAC tag included), written atomically
     index.jsonl                     one JSON object per stored frame, in arrival order:
                                     {"schema", "seq", "file", "request_id", "device_id", "model_id",
-                                     "precision", "shape", "dtype", "sha256", "time"}
+                                     "precision", "shape", "dtype", "sha256", "time", "timestamp_us"}
+                                    appended and fsynced before the server answers: the record the
+                                    replay window reloads its request ids from after a restart
 
 Attacks call `read_store(run_dir, keys)`, which re-verifies each frame with the device keys, so
 they work on exactly what the device sent. The store holds at most `cap` frames; once full, new
@@ -16,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -24,6 +27,8 @@ from pathlib import Path
 
 from edgeveil.device import wire
 from edgeveil.device.files import append_jsonl, atomic_write_bytes
+
+from .replay import Seen
 
 __all__ = ["INDEX_SCHEMA", "FrameStore", "ReplyCache", "features_dir", "read_store", "default_keys_path",
            "load_or_create_keys"]
@@ -65,10 +70,17 @@ class FrameStore:
             entry = {"schema": INDEX_SCHEMA, "seq": seq, "file": name, "request_id": rid,
                      "device_id": frame.device_id, "model_id": frame.model_id, "precision": precision,
                      "shape": list(frame.features.shape), "dtype": str(frame.features.dtype),
-                     "sha256": hashlib.sha256(data).hexdigest(), "time": round(time.time(), 6)}
-            append_jsonl(self.folder / _INDEX, entry, sort_keys=True)
+                     "sha256": hashlib.sha256(data).hexdigest(), "time": round(time.time(), 6),
+                     "timestamp_us": frame.timestamp_us}
+            append_jsonl(self.folder / _INDEX, entry, sort_keys=True)  # fsynced: the line is the commit
             self._next_seq, self.stored = seq + 1, self.stored + 1
             return True
+
+    def accepted(self) -> list[Seen]:
+        """Every stored frame as the replay window remembers it (indexes without timestamp_us, from
+        before it was recorded, use the arrival time)."""
+        return [Seen(e["device_id"], bytes.fromhex(e["request_id"]), e["sha256"], float(e["time"]),
+                     int(e.get("timestamp_us", e["time"] * 1e6))) for e in _read_index(self.folder)]
 
 
 class ReplyCache:

@@ -13,7 +13,11 @@ object of at most `MAX_RESPONSE` bytes.
 Idempotency. A frame is never sent twice as two requests: a retry re-sends the very same bytes,
 so the same request id (inside the frame, under its HMAC). A timeout can hide a reply the server
 already computed, so **the server must treat a repeated request id from the same device as the
-same request and return the reply it cached for it**, not run or count the inference again.
+same request and return the reply it cached for it**, not run or count the inference again. The
+edgeveil server does so for `retry_window` seconds after the frame's first arrival (the reply carries
+"duplicate": true), also across its own restart; a retry later than that is refused as a replay (409).
+Backoff (`backoff` doubling per failure, capped at `max_backoff`, jittered) and `retries` bound how
+long a device keeps trying: keep their total under the server's retry window.
 """
 from __future__ import annotations
 

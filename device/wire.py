@@ -42,6 +42,7 @@ import uuid
 from collections import namedtuple
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -50,8 +51,8 @@ from .files import atomic_write_json
 from .quant import dequantize
 
 __all__ = ["MAGIC", "VERSION", "MAX_ELEMENTS", "MAX_PAYLOAD", "MAX_NDIM", "MAX_DEVICE_ID", "TAG_SIZE",
-           "MIN_FRAME", "DTYPES", "Frame", "FrameError", "encode", "decode", "peek_device_id",
-           "new_device_key", "read_key_file", "write_key_file"]
+           "MIN_FRAME", "DTYPES", "Frame", "FrameError", "Header", "encode", "decode", "peek_header",
+           "peek_device_id", "new_device_key", "read_key_file", "write_key_file"]
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,18 @@ class FrameError(ValueError):
     def __init__(self, field: str, message: str):
         super().__init__(f"frame field {field!r}: {message}")
         self.field = field
+
+
+class Header(NamedTuple):
+    """The fixed header fields of a frame, read by `peek_header` before anything is verified."""
+    version: int
+    flags: int
+    dtype_code: int
+    ndim: int
+    device_id: str
+    model_id: str         # 16 lowercase hex
+    request_id: bytes     # 16 bytes
+    timestamp_us: int     # µs since the epoch, as the device wrote it
 
 
 @dataclass(frozen=True, eq=False)
@@ -159,14 +172,22 @@ def _device_id_bytes(device_id: str) -> bytes:
     return raw
 
 
-def peek_device_id(data: bytes) -> str:
-    """The sender's device id, read from at most the first 118 bytes; nothing is verified yet."""
+def peek_header(data: bytes) -> Header:
+    """The header fields of a frame, read from at most its first 118 bytes. Nothing is verified
+    yet (no tag, no bounds on dims): use it to route or to explain a rejection, never to trust.
+    Raises FrameError("length") for a body too short to be a frame, and names magic, version or
+    device_id when those are malformed."""
     view = _as_view(data)
     if len(view) < MIN_FRAME:
         raise FrameError("length", f"at least {MIN_FRAME} bytes expected, got {len(view)}")
-    magic, version, _flags, _code, _ndim, n = struct.unpack_from("<4sBBBBH", view)
+    magic, version, flags, code, ndim, n, mid, rid, ts, _scale, _zp = _FIXED.unpack_from(view)
     _check_magic_version(magic, version)
-    return _read_device_id(view, n)
+    return Header(version, flags, code, ndim, _read_device_id(view, n), mid.hex(), bytes(rid), ts)
+
+
+def peek_device_id(data: bytes) -> str:
+    """The sender's device id (`peek_header(data).device_id`); nothing is verified yet."""
+    return peek_header(data).device_id
 
 
 def decode(data: bytes, keys: Mapping[str, bytes] | Callable[[str], bytes | None], *,

@@ -62,6 +62,13 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --host")
+    sv.add_argument("--store-cap", type=int, default=10_000, metavar="N",
+                    help="keep at most N frames in cloud/features (default 10000); later ones are answered, not kept")
+    sv.add_argument("--replay-tolerance", type=float, default=300.0, metavar="SECONDS",
+                    help="refuse frames whose timestamp is further than this from the server's clock (default 300)")
+    sv.add_argument("--retry-window", type=float, default=60.0, metavar="SECONDS",
+                    help="the same frame resent within this of its first arrival is a retry (200, duplicate), "
+                         "later a replay (409) (default 60)")
     a = sub.add_parser("attack", help="attacks on the features the cloud received")
     a.add_argument("run_dir", type=Path)
     a.add_argument("--attacks", help="comma-separated attack names (default: the config's attack.names)")
@@ -194,7 +201,9 @@ def _cmd_bench(args) -> int:
 def _cmd_serve(args) -> int:
     from edgeveil.cloud_sim.server import serve_forever
 
-    serve_forever(args.run_dir, host=args.host, port=args.port, allow_remote=args.allow_remote)
+    serve_forever(args.run_dir, host=args.host, port=args.port, allow_remote=args.allow_remote,
+                  store_cap=args.store_cap, replay_tolerance=args.replay_tolerance,
+                  retry_window=args.retry_window)
     return 0
 
 

@@ -32,9 +32,9 @@ EVENTS = "sweep_events.jsonl"
 
 def _event(out: Path, **fields) -> None:
     """One line per task start or end, appended by whichever process runs the task."""
-    line = json.dumps({"time": round(time.time(), 3), "pid": os.getpid(), **fields}) + "\n"
-    with open(out / EVENTS, "a") as f:
-        f.write(line)
+    from edgeveil.device.files import append_jsonl
+
+    append_jsonl(out / EVENTS, {"time": round(time.time(), 3), "pid": os.getpid(), **fields})
 
 
 def _run_stage(stage: str, config: dict, run_dir: str, out: str, cell: str, threads: int) -> dict:

@@ -177,7 +177,7 @@ def test_a_repeated_request_gets_the_cached_reply_and_is_stored_once(run_dir, se
 
     first, second = client.infer(frame), client.infer(frame)
     after = client.health()
-    assert first == second and first["request_id"] == rid
+    assert second == {**first, "duplicate": True} and first["request_id"] == rid and not first["duplicate"]
     assert after["stored"] - before["stored"] == 1
     assert after["answered"] - before["answered"] == 1
     assert after["duplicates"] - before["duplicates"] == 1

@@ -244,6 +244,22 @@ def test_peek_reads_only_the_header():
             wire.peek_device_id(bad)
 
 
+def test_peek_header_reads_the_documented_fields_without_verifying():
+    data = build(ts=1_700_000_000_123_456, key=OTHER_KEY)  # a tag no key here verifies
+    h = wire.peek_header(data[:wire.MIN_FRAME])
+    assert h == wire.Header(1, 1, DTYPE_CODES["int8"], 2, DEV, MID, RID, 1_700_000_000_123_456)
+    assert wire.peek_header(build(dtype="float32", dims=(1, 2, 2), model="ff" * 8)).model_id == "ff" * 8
+    cases = [(b"", "length"), (data[:wire.MIN_FRAME - 1], "length"), (b"XXXX" + data[4:], "magic"),
+             (data[:4] + b"\x02" + data[5:], "version"), (data[:8] + b"\x00\x00" + data[10:], "device_id"),
+             (data[:8] + b"\x41\x00" + data[10:], "device_id")]
+    for bad, field in cases:
+        with pytest.raises(FrameError) as info:
+            wire.peek_header(bad)
+        assert info.value.field == field, (bad[:12], info.value)
+    with pytest.raises(TypeError):
+        wire.peek_header("EVF1")
+
+
 def test_key_file_round_trip_is_private_and_atomic(tmp_path):
     path = tmp_path / "keys.json"
     keys = {"pi4-01": wire.new_device_key(), "nano.2": wire.new_device_key()}

@@ -10,6 +10,9 @@ layer1, 45,000 training images with shifts and flips, 30 epochs of SGD); each de
 strength below. Every stage resumes: training from its last epoch, the attacks from their last
 finished (attack, precision). Results: benchmarks/results/cifar10.{md,json}, with the budget
 (width, epochs, hours of training and of attacks) beside every number.
+
+Progress is kept in benchmarks/state/ (checkpoints and the evaluator; commit it at the end of a
+sitting, so the next one resumes): `git add benchmarks/state`.
 """
 from __future__ import annotations
 
@@ -21,6 +24,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# What a long run has done so far lives in the checkout (benchmarks/state/), so that a fresh machine
+# resumes it: the training checkpoints and the auditor's evaluator (the cache, unless EDGEVEIL_CACHE is set).
+STATE = REPO / "benchmarks" / "state"
+os.environ.setdefault("EDGEVEIL_CACHE", str(STATE / "cache"))
 CONFIG = REPO / "benchmarks" / "configs" / "cifar10.yaml"
 # The seed defenses at the strengths the MNIST and CIFAR-10 benchmarks use (edgeveil list defenses).
 MODELS = {"none": [], "infoscissors": ["defense.strength=0.3"], "siftfunnel": ["defense.strength=2.0"],
@@ -109,8 +116,9 @@ def markdown(records: list[dict]) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", type=Path, default=Path(os.environ.get("EDGEVEIL_BENCH_RUNS", REPO / "benchmarks" / "runs"))
-                    / "cifar10")
+    ap.add_argument("--runs", type=Path, default=STATE / "cifar10",
+                    help="run directories (default benchmarks/state/cifar10: committed between sessions, so "
+                         "training resumes on a fresh machine)")
     ap.add_argument("--only", help=f"comma-separated, among {', '.join(MODELS)}")
     ap.add_argument("--stage", choices=["train", "all"], default="all")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")

@@ -85,11 +85,17 @@ def _finished(stage: str, cell: Cell) -> bool:
 
 def _preflight(sweep: Sweep) -> None:
     """Every cell's data and attack needs checked against its splits, before Ray starts."""
-    from .stages import _check_same_training, preflight
+    from edgeveil.training import archs
+
+    from .stages import _check_same_training, _resolve, preflight, read_run_config
 
     for cell in sweep.cells:
+        cfg = cell.cfg
         try:
-            _check_same_training(cell.run_dir, cell.cfg)
+            if (cell.run_dir / "config.yaml").is_file():  # resolve the defaults as that run resolved them
+                old = read_run_config(cell.run_dir)
+                split = cfg.model.split if cfg.model.split is not None else archs.default_split(cfg.model.arch)
+                _check_same_training(cell.run_dir, _resolve(cfg, cfg.data.image_size or old.data.image_size, split))
             for line in preflight(cell.cfg):
                 log.info("%s: preflight: %s", cell.name, line)
         except (ValueError, FileNotFoundError) as e:

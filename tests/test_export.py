@@ -564,9 +564,9 @@ def _trained_run(root: Path) -> Path:
             "inference_noise": {"kind": "gaussian", "sigma": 0.1}, "seed": 0,
             "data": {"name": "digits", "root": None, "download": False, "image_size": 28,
                      "sizes": {"victim_train": None, "aux": None, "test_size": None, "labelled": 40}}}
+    torch.manual_seed(0)  # before the weights are drawn: the fixture must not depend on the tests run before it
     model = runfile.build_models(info)
     x, y = to_tensors(runfile.load_splits(info).victim_train, [0.3], [0.32])
-    torch.manual_seed(0)
     params = list(model.head.parameters()) + list(model.tail.parameters())
     optimizer = torch.optim.Adam(params, lr=3e-3)
     model.head.train(), model.tail.train()

@@ -102,10 +102,17 @@ def _preflight(sweep: Sweep) -> None:
             raise SweepError(f"{sweep.path}: cell {cell.name}: {e}") from None
 
 
-def _connect(address: str | None, cpus: int | None):
+def _connect(address: str | None, cpus: int | None) -> bool:
+    """Join the cluster at `address`, or start a local Ray on 127.0.0.1; True when we started it."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if address and (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
+                    or (Path.home() / ".ray" / "auth_token").is_file()):
+        # `ray start --head` (Ray 2.5x+) turns token authentication on and writes the token to
+        # ~/.ray/auth_token; a driver sends it only in token mode (which also works when the cluster
+        # has authentication off). Ray reads this when it is imported.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray
 
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if address:
         ray.init(address=address, log_to_driver=False, configure_logging=False)
         return False

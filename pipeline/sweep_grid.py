@@ -23,9 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 
-from .config import Config, ConfigError, from_dict, merge_dicts, parse_overrides
+from .config import Config, ConfigError, from_dict, merge_dicts, parse_overrides, read_yaml_mapping
 
 __all__ = ["Cell", "Sweep", "SweepError", "STAGES", "load_sweep"]
 
@@ -103,14 +102,10 @@ def _defenses(grid: dict, where: str) -> list[tuple[str, float]]:
 
 
 def _read(path: Path) -> dict:
-    if not path.is_file():
-        raise SweepError(f"sweep file {path} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise SweepError(f"sweep file {path} is not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise SweepError(f"sweep file {path} must hold a mapping, got {type(raw).__name__}")
+        raw = read_yaml_mapping(path, "sweep file")
+    except ConfigError as e:
+        raise SweepError(str(e)) from None
     unknown = sorted(set(raw) - _KEYS)
     if unknown:
         raise SweepError(f"{path}: unknown key(s) {', '.join(unknown)}; expected {', '.join(sorted(_KEYS))}")
@@ -121,10 +116,10 @@ def _base(raw: dict, path: Path) -> dict:
     if "base" in raw and "base_config" in raw:
         raise SweepError(f"{path}: give either base (a config mapping) or base_config (a file), not both")
     if "base_config" in raw:
-        file = (path.parent / raw["base_config"]).resolve()
-        if not file.is_file():
-            raise SweepError(f"{path}: base_config {raw['base_config']!r} does not exist (looked at {file})")
-        base = yaml.safe_load(file.read_text()) or {}
+        try:
+            base = read_yaml_mapping((path.parent / raw["base_config"]).resolve(), f"{path}: base_config")
+        except ConfigError as e:
+            raise SweepError(str(e)) from None
     else:
         base = raw.get("base") or {}
     if not isinstance(base, dict):

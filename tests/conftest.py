@@ -66,6 +66,18 @@ def digits_28():
 QUICK = ["model.width=tiny", "train.epochs=4", "train.batch_size=32", "train.device=cpu"]
 
 
+def tiny_exported_run(tmp_path_factory, name: str, precisions: str) -> Path:
+    """A tiny digits run, trained two epochs on CPU by the real CLI and exported (~30-60 s)."""
+    from edgeveil.pipeline.cli import main
+
+    d = tmp_path_factory.mktemp(name) / "run"
+    train = ["--no-progress", "train", "--out", str(d), "--set", "model.width=tiny",
+             "--set", "train.epochs=2", "--set", "train.device=cpu"]
+    assert main(train) == 0
+    assert main(["--no-progress", "export", str(d), "--set", f"export.precisions={precisions}"]) == 0
+    return d
+
+
 def one_torch_thread():
     """Generator for a fixture: torch on one thread for the fixture's scope, then as it was."""
     import torch

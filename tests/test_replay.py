@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import tiny_exported_run
 from edgeveil.cloud_sim.replay import Full, Replayed, ReplayWindow, Seen, Stale
 from edgeveil.cloud_sim.server import Server
 from edgeveil.cloud_sim.store import default_keys_path, features_dir, read_store
@@ -136,15 +137,8 @@ def test_the_window_is_bounded_and_validates_its_options(tmp_path):
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    """A tiny digits run, trained two epochs on CPU and exported to int8 (~30-60 s)."""
-    from edgeveil.pipeline.cli import main
-
-    d = tmp_path_factory.mktemp("replay") / "run"
-    train = ["--no-progress", "train", "--out", str(d), "--set", "model.width=tiny",
-             "--set", "train.epochs=2", "--set", "train.device=cpu"]
-    assert main(train) == 0
-    assert main(["--no-progress", "export", str(d), "--set", "export.precisions=[int8]"]) == 0
-    return d
+    """A tiny digits run, exported to int8."""
+    return tiny_exported_run(tmp_path_factory, "replay", "[int8]")
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import tiny_exported_run
 from edgeveil.cloud_sim.server import Server, create_app, load_or_create_keys, serve_forever
 from edgeveil.cloud_sim.store import features_dir, read_store
 from edgeveil.device import wire
@@ -29,15 +30,8 @@ CLIENT = {"timeout": 10.0, "retries": 1}
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    """A tiny digits run, trained two epochs on CPU and exported to fp32 and int8 (~30-60 s)."""
-    from edgeveil.pipeline.cli import main
-
-    d = tmp_path_factory.mktemp("serve") / "run"
-    train = ["--no-progress", "train", "--out", str(d), "--set", "model.width=tiny",
-             "--set", "train.epochs=2", "--set", "train.device=cpu"]
-    assert main(train) == 0
-    assert main(["--no-progress", "export", str(d), "--set", "export.precisions=[fp32,int8]"]) == 0
-    return d
+    """A tiny digits run, exported to fp32 and int8."""
+    return tiny_exported_run(tmp_path_factory, "serve", "[fp32,int8]")
 
 
 @pytest.fixture(scope="module")

@@ -336,9 +336,12 @@ _MISSING_POWER_TEST = ("an attack with a power test (a reconstruction attack sco
 def _reference(c: dict) -> dict:
     """A check, as the decision cites it: which attack, metric and precision, and the numbers."""
     d = c["difference"]
-    return {"attack": c["attack"], "metric": c["metric"], "kind": c["kind"], "precision": c["precision"],
-            "outcome": c["outcome"], "difference": d["mean"], "ci95": d["ci95"], "of": d["of"],
-            "tolerance": c["tolerance"]}
+    ref = {"attack": c["attack"], "metric": c["metric"], "kind": c["kind"], "precision": c["precision"],
+           "outcome": c["outcome"], "difference": d["mean"], "ci95": d["ci95"], "of": d["of"],
+           "tolerance": c["tolerance"]}
+    if "defended" in c:
+        ref.update(defended=c["defended"], undefended=c["undefended"])
+    return ref
 
 
 # ---------------------------------------------------------------- the prose, made from the decision only
@@ -364,6 +367,8 @@ def headline(d: Decision) -> str:
     ev = d.evidence
     out = [_OPENINGS[d.outcome].format(defense=d.defense, missing="; ".join(d.missing),
                                        proven=", ".join(ev["proven"]))]
+    if d.outcome == "survives":
+        out += [_cut_line(c) for c in d.decided_by if "defended" in c]
     out += [_check_line(c) + " On float features it did." for c in ev["lost"]]
     out += [_check_line(c) for c in ev["compression_failed"]]
     if d.outcome == "never protected":
@@ -389,6 +394,15 @@ def _check_line(c: dict) -> str:
                 f"(95% CI {d['ci95'][0]:+.4f} to {d['ci95'][1]:+.4f}), beyond the tolerance {c['tolerance']:g}.")
     return (f"{c['attack']} {label} on {c['precision']} features: defended {c['defended']:.4f} against undefended "
             f"{c['undefended']:.4f}, not lower by more than the tolerance {c['tolerance']:g}.")
+
+
+def _cut_line(c: dict) -> str:
+    """How much a surviving defense cuts: a survival that leaves 90% of the leakage reads differently
+    from one that leaves 40%."""
+    label = LEAKAGE_METRICS[c["metric"]][1]
+    cut = 1 - c["defended"] / c["undefended"] if c["undefended"] > 0 else 0.0
+    return (f"{c['attack']} {label} on {c['precision']} features: defended {c['defended']:.4f} against "
+            f"undefended {c['undefended']:.4f}, {100 * cut:.0f}% lower.")
 
 
 def _power_line(name: str, by_prec: dict) -> str:

@@ -79,6 +79,11 @@ def test_survives_when_the_defense_beats_no_defense_under_every_proven_attack():
     assert good["outcome"] == "survives" and good["survives"] is True and good["paired_with_baseline"]
     assert all(c["outcome"] == "holds" for c in good["checks"])
     assert good["headline"].startswith("Privacy survives compression")
+    # how much it cut, in numbers, not only that it beat no defense
+    cut = 100 * 0.3 / BASE.mean()
+    assert f"undefended {BASE.mean():.4f}, {cut:.0f}% lower" in good["headline"]
+    assert {c["precision"] for c in good["decided_by"]} == {"int8"}
+    assert good["decided_by"][0]["undefended"] == pytest.approx(BASE.mean())
 
 
 def test_does_not_survive_when_compression_takes_float_protection_away():

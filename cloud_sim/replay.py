@@ -15,8 +15,10 @@ beyond that `Full` (the server answers 503 with Retry-After, and the client back
 
 Ids survive a restart. The frame store's index already records every stored frame (device id, request
 id, sha256, arrival time, timestamp), so the server hands those to `restore` and nothing is stored
-twice; frames answered but not stored (the store is full) are appended here, to ``replay.jsonl``,
-and fsynced before the reply. `restore` rewrites that log with only the ids still live.
+twice. The edgeveil server answers a frame only once it is stored, so it never needs more; for a
+caller that admits frames it does not store, `remember(..., durable=True)` appends them to
+``replay.jsonl`` and fsyncs before the reply, and `restore` reads that log back and rewrites it with
+only the ids still live.
 """
 from __future__ import annotations
 

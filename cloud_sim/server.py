@@ -9,8 +9,9 @@ POST /v1/infer  one wire frame (application/octet-stream) -> 200 {"request_id", 
                 clock, 401 unknown device or bad tag, 404 unknown model id, 405 not POST, 409 a request
                 id reused for another frame, or resent after retry_window s, 413 body over max_body, 415
                 not octet-stream, 422 frame unlike the artifact's output (dtype, dims, scale, zero_point,
-                non-finite values), 503 (Retry-After) the replay window is full.
-GET /v1/health  {"status", "model_ids", "stored", "dropped", "answered", "duplicates", "uptime_s"}
+                non-finite values), 503 (Retry-After) the replay window or the frame store is full: a
+                frame is answered only once it is durably stored.
+GET /v1/health  {"status", "model_ids", "stored", "refused_store_full", "answered", "duplicates", "uptime_s"}
 GET /v1/models  {"models": [{model_id, precision, output {shape, dtype, scale, zero_point, layout},
                 feature_shape, arch, split, defense, num_classes}, ...]}
 Errors are {"detail", "field"}. The same bytes again within retry_window s of their first arrival (a
@@ -38,13 +39,14 @@ from edgeveil.device.manifest import read_manifest
 from edgeveil.training.runfile import load_run
 
 from .replay import Full, Replayed, ReplayWindow, Seen, Stale
-from .store import FrameStore, ReplyCache, default_keys_path, features_dir, load_or_create_keys
+from .store import FrameStore, ReplyCache, StoreFull, default_keys_path, features_dir, load_or_create_keys
 
 __all__ = ["create_app", "Server", "load_or_create_keys", "serve_forever", "default_keys_path"]
 
 log = logging.getLogger(__name__)
 
 _OCTET = "application/octet-stream"
+STORE_FULL_RETRY_S = 30  # Retry-After when the store is full: someone has to make room first
 
 
 class _Reject(Exception):
@@ -140,13 +142,22 @@ class _Service:
                 return {**reply, "duplicate": True}
             art = self.artifacts[frame.model_id]
             _check_matches(frame, art)
+            self._refuse_if_store_full()
             reply = {**self._complete(frame, art), "duplicate": False}
-            stored = self.store.add(body, frame, art.precision)  # durable before the reply leaves
+            self.store.add(body, frame, art.precision)  # durable before the reply leaves
             seen = Seen(frame.device_id, frame.request_id, digest, self.replay.clock(), frame.timestamp_us)
-            self.replay.remember(seen, durable=not stored)
+            self.replay.remember(seen, durable=False)  # the store's index is its record
             self.cache.put(key, digest, reply)
             self.answered += 1
             return reply
+
+    def _refuse_if_store_full(self) -> None:
+        """503 before the tail runs: a frame the cloud cannot keep is not answered (DESIGN: never
+        acknowledge a frame not durably stored); the client backs off and retries."""
+        try:
+            self.store.refuse_if_full()
+        except StoreFull as e:
+            raise _Reject(503, e.field, str(e), {"Retry-After": str(STORE_FULL_RETRY_S)}) from e
 
     def _admit(self, frame: wire.Frame, digest: str) -> Seen | None:
         """The replay window's answer (None: a fresh frame), its refusals as HTTP statuses."""
@@ -201,7 +212,7 @@ class _Service:
 
     def health(self) -> dict:
         return {"status": "ok", "model_ids": list(self.artifacts), "stored": self.store.stored,
-                "dropped": self.store.dropped, "answered": self.answered, "duplicates": self.duplicates,
+                "refused_store_full": self.store.refused, "answered": self.answered, "duplicates": self.duplicates,
                 "uptime_s": round(time.monotonic() - self.started, 3)}
 
     def models(self) -> dict:

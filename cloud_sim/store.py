@@ -10,8 +10,9 @@ Layout (``runs/<name>/cloud/features/``)::
                                     replay window reloads its request ids from after a restart
 
 Attacks call `read_store(run_dir, keys)`, which re-verifies each frame with the device keys, so
-they work on exactly what the device sent. The store holds at most `cap` frames; once full, new
-frames are still answered by the server but not kept, and `dropped` counts them.
+they work on exactly what the device sent. The store holds at most `cap` frames; once full, `add`
+raises `StoreFull` and `refused` counts it: the server refuses the frame (503 with Retry-After)
+rather than answer one it has not kept.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from edgeveil.device.files import append_jsonl, atomic_write_bytes
 
 from .replay import Seen
 
-__all__ = ["INDEX_SCHEMA", "FrameStore", "ReplyCache", "features_dir", "read_store", "default_keys_path",
+__all__ = ["INDEX_SCHEMA", "FrameStore", "StoreFull", "ReplyCache", "features_dir", "read_store", "default_keys_path",
            "load_or_create_keys"]
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,11 @@ def features_dir(run_dir) -> Path:
     return Path(run_dir) / "cloud" / "features"
 
 
+class StoreFull(RuntimeError):
+    """The store already keeps `cap` frames; `field` names what the reply blames."""
+    field = "store"
+
+
 class FrameStore:
     """Append-only, bounded store of raw frames; thread safe. Resumes an existing index."""
 
@@ -54,15 +60,28 @@ class FrameStore:
         entries = _read_index(self.folder)
         self.stored = len(entries)
         self._next_seq = max((e["seq"] for e in entries), default=-1) + 1
-        self.dropped = 0
+        self.refused = 0
         self._lock = threading.Lock()
 
-    def add(self, data: bytes, frame: wire.Frame, precision: str) -> bool:
-        """Keep one verified frame; False (and one more `dropped`) when the store is full."""
+    @property
+    def full(self) -> bool:
+        return self.stored >= self.cap
+
+    def refuse_if_full(self) -> None:
+        """StoreFull (and one more `refused`) when no frame can be kept: call it before work is spent."""
         with self._lock:
-            if self.stored >= self.cap:
-                self.dropped += 1
-                return False
+            self._refuse_if_full()
+
+    def _refuse_if_full(self) -> None:
+        if self.full:
+            self.refused += 1
+            raise StoreFull(f"the frame store is full: it keeps at most {self.cap} frames ({self.folder}); "
+                            "move them away, or restart the server with a larger --store-cap")
+
+    def add(self, data: bytes, frame: wire.Frame, precision: str) -> None:
+        """Keep one verified frame durably (the index line is fsynced); StoreFull when it cannot."""
+        with self._lock:
+            self._refuse_if_full()
             seq, rid = self._next_seq, frame.request_id.hex()
             name = f"{seq:08d}-{rid}.evf"
             atomic_write_bytes(self.folder / name, data)
@@ -73,7 +92,6 @@ class FrameStore:
                      "timestamp_us": frame.timestamp_us}
             append_jsonl(self.folder / _INDEX, entry, sort_keys=True)  # fsynced: the line is the commit
             self._next_seq, self.stored = seq + 1, self.stored + 1
-            return True
 
     def accepted(self) -> list[Seen]:
         """Every stored frame as the replay window remembers it (indexes without timestamp_us, from

@@ -63,7 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --host")
     sv.add_argument("--store-cap", type=int, default=10_000, metavar="N",
-                    help="keep at most N frames in cloud/features (default 10000); later ones are answered, not kept")
+                    help="keep at most N frames in cloud/features (default 10000); once full, frames are refused "
+                         "with 503 and Retry-After, never answered without being kept")
     sv.add_argument("--replay-tolerance", type=float, default=300.0, metavar="SECONDS",
                     help="refuse frames whose timestamp is further than this from the server's clock (default 300)")
     sv.add_argument("--retry-window", type=float, default=60.0, metavar="SECONDS",

@@ -189,7 +189,7 @@ def test_health_and_models_describe_the_served_artifacts(run_dir, served):
     want = {a["sha256"][:16]: a for a in manifest["artifacts"].values()}
     health = client.health()
     assert health["status"] == "ok" and sorted(health["model_ids"]) == sorted(want)
-    assert health["uptime_s"] >= 0 and health["dropped"] == 0
+    assert health["uptime_s"] >= 0 and health["refused_store_full"] == 0
     models = {m["model_id"]: m for m in client.models()["models"]}
     assert sorted(models) == sorted(want)
     for mid, entry in want.items():
@@ -299,25 +299,41 @@ def test_random_and_mutated_bodies_never_get_a_5xx(served, body, content_type):
 # ------------------------------------------------------------------------------- the store
 
 
-def test_store_cap_keeps_the_first_frames_and_counts_the_rest(run_dir, tmp_path, int8):
+def test_a_full_store_refuses_frames_instead_of_answering_frames_it_did_not_keep(run_dir, tmp_path, int8):
+    """DESIGN: the cloud never acknowledges a frame it has not durably stored. Past the cap it says
+    503 with Retry-After, naming the store, and the client backs off; nothing is answered or kept."""
+    from edgeveil.device.client import CloudError
+
     runner, feats = int8
     run = _copy_run(run_dir, tmp_path / "run")
     frames = [_frame(runner, feats, i) for i in range(5)]
     with Server(run, keys={DEV: KEY}, store_cap=3) as srv:
         client = CloudClient(srv.base_url, **CLIENT)
-        replies = [client.infer(f) for f in frames]
+        replies = [client.infer(f) for f in frames[:3]]
+        attempts = 0
+        for f in frames[3:]:
+            with pytest.raises(CloudError) as info:
+                client.infer(f)
+            assert info.value.status == 503 and "frame store is full" in info.value.reason
+            assert "at most 3 frames" in info.value.reason and "--store-cap" in info.value.reason
+            attempts += info.value.attempts
         health = client.health()
-    assert [r["precision"] for r in replies] == ["int8"] * 5
-    assert (health["stored"], health["dropped"], health["answered"]) == (3, 2, 5)
+    assert [r["precision"] for r in replies] == ["int8"] * 3
+    assert (health["stored"], health["answered"]) == (3, 3)
+    assert health["refused_store_full"] == attempts >= 2  # every attempt was refused, none answered
+    # refused frames were not remembered: with room again (a larger cap), the same bytes are accepted
+    with Server(run, keys={DEV: KEY}, store_cap=5) as srv:
+        late = CloudClient(srv.base_url, **CLIENT).infer(frames[3])
+    assert late["duplicate"] is False and len(read_store(run, {DEV: KEY})) == 4
 
-    stored = read_store(run, {DEV: KEY})
+    stored = read_store(run, {DEV: KEY})[:3]
     sent = [wire.decode(f, {DEV: KEY}) for f in frames[:3]]
     assert [s.request_id for s in stored] == [f.request_id for f in sent]
     for s, f in zip(stored, sent):
         assert (s.device_id, s.model_id, s.scale, s.zero_point) == (DEV, runner.model_id, feats.scale, feats.zero_point)
         assert np.array_equal(s.features, f.features)
     names = sorted(p.name for p in features_dir(run).glob("*.evf"))
-    assert len(names) == 3 and names[0].startswith("00000000-")
+    assert len(names) == 4 and names[0].startswith("00000000-")
     with pytest.raises(ValueError, match="does not verify"):
         read_store(run, {DEV: bytes(32)})
 
@@ -327,7 +343,10 @@ def test_a_restarted_server_resumes_the_store(run_dir, tmp_path, int8):
     run = _copy_run(run_dir, tmp_path / "run")
     for i, cap in ((0, 10), (1, 10), (2, 2)):
         with Server(run, keys={DEV: KEY}, store_cap=cap) as srv:
-            CloudClient(srv.base_url, **CLIENT).infer(_frame(runner, feats, i))
+            if len(read_store(run, {DEV: KEY})) < cap:
+                CloudClient(srv.base_url, **CLIENT).infer(_frame(runner, feats, i))
+            else:
+                assert _raw(srv.base_url, "POST", _frame(runner, feats, i))[0] == 503
     assert len(read_store(run, {DEV: KEY})) == 2  # the third server found its cap already reached
     assert [json.loads(x)["seq"] for x in (features_dir(run) / "index.jsonl").read_text().splitlines()] == [0, 1]
 

@@ -52,13 +52,16 @@ def run_grid(path: Path, out: Path, spec: dict, *, address: str | None, max_para
     """Run the sweep (the committed file itself when `spec` is unchanged, else the derived one written into
     `out`) on Ray, resuming whatever an earlier run finished; its sweep.json."""
     from edgeveil.device.files import atomic_write_text
-    from edgeveil.pipeline.ray_sweep import run_sweep
+    from edgeveil.pipeline.ray_sweep import SweepError, run_sweep
 
     file = Path(path)
     if spec != derive(path):
         file = out / DERIVED
         atomic_write_text(file, yaml.safe_dump(spec, sort_keys=False))
-    return run_sweep(file, out, address=address, max_parallel=max_parallel, progress=True)
+    try:
+        return run_sweep(file, out, address=address, max_parallel=max_parallel, progress=True)
+    except SweepError as e:  # an invalid cell or a failed preflight: named before Ray starts
+        raise SystemExit(f"{file}: {e}") from None
 
 
 def read_plan(out: Path) -> dict:
@@ -67,11 +70,11 @@ def read_plan(out: Path) -> dict:
 
     path = Path(out) / "sweep.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: run the sweep first (without --tables-only, or "
-                                "`edgeveil sweep --config benchmarks/configs/... --out` this folder)")
+        raise SystemExit(f"{path} does not exist: run the sweep first (without --tables-only, or "
+                         "`edgeveil sweep --config benchmarks/configs/... --out` this folder)")
     plan = read_json(path)
     if plan.get("status") == "running" or "cells_state" not in plan:
-        raise ValueError(f"{path}: the sweep has not finished (status {plan.get('status')!r}); rerun the same "
+        raise SystemExit(f"{path}: the sweep has not finished (status {plan.get('status')!r}); rerun the same "
                          "sweep command to resume it")
     return plan
 

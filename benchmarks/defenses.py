@@ -240,7 +240,7 @@ def sweep_rows(datasets: list[str], runs: Path, quick: bool, only: list[str] | N
     rows, failed = [], {}
     for ds in datasets:
         if args.tables_only:
-            plan = _grid.read_plan(runs / ds)
+            plan = _grid.read_plan(runs / ds)  # a missing or unfinished sweep: SystemExit naming it
         else:
             print(f"== {ds}: {_grid.announce(DATASETS[ds], runs / ds)}", flush=True)
             spec = _grid.derive(DATASETS[ds], QUICK if quick else [], only)

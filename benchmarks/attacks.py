@@ -1,15 +1,20 @@
 """Every attack on float and int8 features of the same test images, undefended and with
 infoscissors, siftfunnel and cem at one strength, with the verdict and each attack's running time.
 
-    python benchmarks/attacks.py                      # MNIST and CIFAR-10, writes benchmarks/results/
-    python benchmarks/attacks.py --datasets mnist
-    python benchmarks/attacks.py --quick              # checks the script, not the numbers
+    python benchmarks/attacks.py                          # MNIST on a local Ray, writes benchmarks/results/
+    python benchmarks/attacks.py --address HOST:PORT      # the same sweep on a Ray cluster
+    python benchmarks/attacks.py --quick                  # tiny budgets: checks the script, not the numbers
+    edgeveil sweep --config benchmarks/configs/attacks_cifar10.yaml --out benchmarks/runs/attacks/cifar10 \
+        --address HOST:PORT                               # CIFAR-10 at real accuracy, on a cluster
+    python benchmarks/attacks.py --datasets mnist,cifar10 --tables-only   # tables from the sweeps' folders
 
-The models are the ones benchmarks/defenses.py trains (same run directories, same budgets: a
-finished one is reused, a missing one is trained). Every (attack, precision) result is kept in the
-run's cloud/attacks/, so an interrupted sweep resumes. The defended runs are judged against the
-undefended one (attack.baseline). Published numbers from research/algorithms.md section 10 are
-put beside ours at the end.
+The grid and every budget are a sweep file per dataset, benchmarks/configs/attacks_<dataset>.yaml:
+the victims (configs/mnist.yaml, the same as defenses.py's; configs/cifar10.yaml, cifar10.py's
+real-accuracy victims), the four models, each attack's options and `ka`'s auxiliary data. This script
+runs it through `edgeveil sweep`'s machinery (each model one run directory under --runs/<dataset>;
+rerunning resumes every finished stage and every finished (attack, precision)), then builds the
+tables from the run directories. The defended models are judged against the undefended one
+(attack.baseline). Published numbers from research/algorithms.md section 10 are put beside ours.
 """
 from __future__ import annotations
 
@@ -22,25 +27,18 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import defenses as sweep  # noqa: E402  (the same datasets, grid, budgets and run directories)
+import _grid  # noqa: E402
+import defenses  # noqa: E402  (the budget line and the machine description)
 
-from edgeveil.device.files import atomic_write_bytes, atomic_write_json, atomic_write_text  # noqa: E402
+from edgeveil.device.files import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json  # noqa: E402
 
-REPO = sweep.REPO
-MODELS = ("none", "infoscissors", "siftfunnel", "cem")  # each at the middle of its defenses.GRID strengths
+REPO = _grid.REPO
+DATASETS = {"mnist": _grid.CONFIGS / "attacks_mnist.yaml", "cifar10": _grid.CONFIGS / "attacks_cifar10.yaml"}
 ATTACKS = ("inverse", "rmle", "ka", "shadow", "pmc", "mine")
-# Attack budgets (the inverse one is defenses.py's, so its results are reused); printed with the numbers.
-OPTIONS = {
-    "rmle": {"steps": 300, "restarts": 1, "batch_size": 128},
-    "shadow": {"shadow_epochs": 10, "steps": 300, "restarts": 1},
-    "ka": {"epochs": 10, "restarts": 2, "width": 32, "aux_size": 2000},
-    "pmc": {"steps": 500, "scratch_steps": 300},
-    "mine": {"epochs": 30},
-}
-KA_AUX = {"mnist": f"npz:{sweep.SHARED / 'cifar10_test_jpeg.npz'}",   # photographs, turned grey
-          "cifar10": f"npz:{sweep.SHARED / 'mnist_test.npz'}"}        # digits, turned RGB
-QUICK = {"rmle": {"steps": 5}, "shadow": {"shadow_epochs": 1, "steps": 5}, "ka": {"epochs": 1, "aux_size": 100},
-         "pmc": {"steps": 4, "scratch_steps": 4}, "mine": {"epochs": 1, "batch_size": 16}}
+# --quick: defenses.py's tiny training budget, and each attack's shortest run
+QUICK = [*defenses.QUICK, "attack.rmle.steps=5", "attack.shadow.shadow_epochs=1", "attack.shadow.steps=5",
+         "attack.ka.epochs=1", "attack.ka.aux_size=100", "attack.pmc.steps=4", "attack.pmc.scratch_steps=4",
+         "attack.mine.epochs=1", "attack.mine.batch_size=16"]
 # research/algorithms.md section 10: (row, what, published, where ours is measured)
 PUBLISHED = [
     ("7/8", "He et al. 2019 rMLE SSIM, shallow split (MNIST ReLU2; CIFAR-10 ReLU22)",
@@ -55,31 +53,45 @@ PUBLISHED = [
 ]
 
 
-def attack_run(ds: str, defense: str, runs: Path, quick: bool) -> dict:
-    """All attacks on one trained model (trained and exported first if missing); its record."""
-    from edgeveil.pipeline.attack_stage import attack_stage
-    from edgeveil.pipeline.config import load_config
-
-    strength = 0.0 if defense == "none" else sweep.GRID[defense][1]
-    sweep.run_case(ds, defense, strength, runs, quick)  # reused when done
-    run_dir = runs / ds / f"{defense}_{strength:g}"
-    sets = [f"attack.names=[{','.join(ATTACKS)}]", "attack.precisions=[float,int8]",
-            f"attack.ka.aux_dataset={KA_AUX[ds]}"]
-    for name, opts in OPTIONS.items():
-        sets += [f"attack.{name}.{k}={v}" for k, v in {**opts, **(QUICK.get(name, {}) if quick else {})}.items()]
-    if defense != "none":
-        sets.append(f"attack.baseline={runs / ds / 'none_0'}")
-    cfg = load_config(run_dir / "config.yaml", sets)
-    out = attack_stage(cfg, run_dir, list(ATTACKS), progress=True)
-    # Attacks resume from stored records: their own seconds, not this call's, are what they cost.
+def record(ds: str, cell: dict) -> dict:
+    """One finished cell of the sweep (a model and every attack on it), read from its run directory."""
+    run_dir = cell["run_dir"]
+    out = read_json(run_dir / "cloud" / "attacks.json")
+    info = read_json(run_dir / "train" / "model.json")
+    # Attacks resume from stored records: their own seconds are what they cost.
     seconds = sum(r["seconds"] for a in out["attacks"].values() for r in a["precisions"].values())
-    return {"dataset": ds, "defense": defense, "strength": strength, "run_dir": str(run_dir),
-            "attack_seconds": round(seconds, 1), "targets": out["targets"]["n"],
+    return {"dataset": ds, "defense": info["defense"]["name"], "strength": info["defense"]["strength"],
+            "run_dir": str(run_dir), "attack_seconds": round(seconds, 1), "targets": out["targets"]["n"],
+            "options": cell["config"]["attack"]["options"],
             "attacks": {n: {"threat_model": a["threat_model"], "options": a["options"],
                             "precisions": {p: {"summary": r["summary"], "seconds": r["seconds"]}
                                            for p, r in a["precisions"].items()},
                             "differences": a.get("differences", {})} for n, a in out["attacks"].items()},
             "verdict": out["verdict"]}
+
+
+def sweep_records(datasets: list[str], runs: Path, args) -> tuple[list[dict], dict]:
+    """Run (or, with --tables-only, read) each dataset's sweep; its finished cells, and the failed ones."""
+    records, failed = [], {}
+    for ds in datasets:
+        if args.tables_only:
+            plan = _grid.read_plan(runs / ds)  # a missing or unfinished sweep: SystemExit naming it
+        else:
+            print(f"== {ds}: {_grid.announce(DATASETS[ds], runs / ds)}", flush=True)
+            spec = _grid.derive(DATASETS[ds], QUICK if args.quick else [])
+            plan = _grid.run_grid(DATASETS[ds], runs / ds, spec, address=args.address, max_parallel=args.max_parallel)
+        records += [record(ds, cell) for cell in _grid.done_cells(plan)]
+        failed.update(_grid.failed_cells(plan))
+    return records, failed
+
+
+def budgets_line(ds_records: list[dict]) -> str:
+    """Each attack's options as the sweep file set them, and ka's auxiliary data."""
+    opts = ds_records[0]["options"]
+    ka = opts.get("ka", {}).get("aux_dataset")
+    return ("Attack budgets: " + "; ".join(f"{n} {json.dumps({k: v for k, v in o.items() if k != 'aux_dataset'})}"
+                                           for n, o in opts.items())
+            + (f"; ka auxiliary data: {ka.split('/')[-1]}" if ka else "") + ".")
 
 
 def _ci(s: dict | None, spec=".3f") -> str:
@@ -170,8 +182,8 @@ def closeness(records: list[dict]) -> str:
         ours = f"{100 * clean:.2f} / {100 * pmc:.2f} / {100 * scratch:.2f} %"
         if ds == "cifar10":
             out.append(f"- InfoScissors' completion table (cifar10, 40 labels): published clean / completion / from "
-                       f"scratch 77.20 / 69.31 / 15.34 %; ours {ours}. Our victim is trained for a budget, not to "
-                       f"convergence, so compare the shape: completion reaches {100 * pmc / clean:.0f} % of clean "
+                       f"scratch 77.20 / 69.31 / 15.34 %; ours {ours}. Our victim is a narrower ResNet-18 (budget "
+                       f"above), so compare the shape too: completion reaches {100 * pmc / clean:.0f} % of clean "
                        f"accuracy (published {100 * 69.31 / 77.20:.0f} %), from scratch {100 * scratch / clean:.0f} % "
                        f"(published {100 * 15.34 / 77.20:.0f} %).")
         else:
@@ -258,55 +270,63 @@ def main(argv=None) -> int:
     from edgeveil.cloud_sim.attacks.rmle import RmleAttack
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--datasets", default="mnist,cifar10")
+    ap.add_argument("--datasets", default="mnist", help="comma-separated: mnist, cifar10 (benchmarks/configs/"
+                    "attacks_<dataset>.yaml; cifar10 trains cifar10.py's real-accuracy victims: a cluster's job)")
     ap.add_argument("--quick", action="store_true", help="tiny budgets: checks the script, not the numbers")
-    ap.add_argument("--runs", type=Path, default=REPO / "benchmarks" / "runs" / "defenses",
-                    help="the defenses benchmark's run directories (shared with it)")
-    ap.add_argument("--threads", type=int)
+    ap.add_argument("--address", help="a running Ray cluster (host:port); default: a local Ray, stopped at the end")
+    ap.add_argument("--max-parallel", type=int, help="at most this many cells at once (default: what the CPUs allow)")
+    ap.add_argument("--tables-only", action="store_true", help="only the tables, from sweeps already run into "
+                    "--runs/<dataset> (by this script or `edgeveil sweep`)")
+    ap.add_argument("--runs", type=Path, default=REPO / "benchmarks" / "runs" / "attacks",
+                    help="one sweep folder per dataset under it")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     ap.add_argument("--note", help="how the results were produced (processes, threads, load), printed on top")
     args = ap.parse_args(argv)
     datasets = args.datasets.split(",")
-    bad = [d for d in datasets if d not in sweep.DATASETS]
+    bad = [d for d in datasets if d not in DATASETS]
     if bad:
-        ap.error(f"unknown dataset(s) {bad}; known: {', '.join(sweep.DATASETS)}")
-    if args.threads:
-        import torch
-        torch.set_num_threads(args.threads)
-    runs = args.runs.with_name(args.runs.name + "_quick") if args.quick else args.runs
-    records = []
-    for ds in datasets:
-        for defense in MODELS:  # none first: the others are judged against it
-            print(f"== {ds} {defense}", flush=True)
-            records.append(attack_run(ds, defense, runs, args.quick))
+        ap.error(f"unknown dataset(s) {bad}; known: {', '.join(DATASETS)}")
+    runs = (args.runs.with_name(args.runs.name + "_quick") if args.quick else args.runs).resolve()
+    out = args.out.resolve()
+    _grid.at_repo_root()
+    records, failed = sweep_records(datasets, runs, args)
+    datasets = [ds for ds in datasets if any(r["dataset"] == ds for r in records)]
+    if not datasets:
+        print("no finished cells; failed: " + json.dumps(failed), file=sys.stderr)
+        return 1
     suffix = "_quick" if args.quick else ""
-    args.out.mkdir(parents=True, exist_ok=True)
-    report = {"benchmark": "attacks", "quick": args.quick, "machine": sweep.machine(), "options": OPTIONS,
-              "ka_aux": KA_AUX, "records": records}
-    atomic_write_json(args.out / f"attacks{suffix}.json", report)
+    report = {"benchmark": "attacks", "quick": args.quick, "machine": defenses.machine(),
+              "sweeps": {ds: str(DATASETS[ds].relative_to(REPO)) for ds in datasets}, "failed": failed,
+              "records": records}
+    atomic_write_json(out / f"attacks{suffix}.json", report)
+    reproduce = "python benchmarks/attacks.py" + (" --quick" if args.quick else "") + (
+        "" if args.datasets == "mnist" else f" --datasets {args.datasets}")
     parts = ["# Attacks on float and int8 features, and the verdict\n",
-             f"Reproduce: `python benchmarks/attacks.py{' --quick' if args.quick else ''}`\n",
+             f"Reproduce: `{reproduce}` (a local Ray; `--address HOST:PORT` for a cluster). The grids: "
+             + ", ".join(f"`{DATASETS[ds].relative_to(REPO)}`" for ds in datasets) + ", run by `edgeveil sweep`.\n",
              *([f"This run: {args.note}\n"] if args.note else []),
-             f"Machine: {json.dumps(report['machine'])}. Models: trained by benchmarks/defenses.py with its budgets "
-             "(below). Attack budgets: " + "; ".join(f"{n} {json.dumps(o)}" for n, o in OPTIONS.items()) +
-             "; ka auxiliary data: " + "; ".join(f"{d}: {p.split('/')[-1]}" for d, p in KA_AUX.items()) +
-             f"; rmle and shadow average over {RmleAttack.OPTIONS['noise_draws']} runtime-noise draws per step "
-             "against a noisy victim (cem)" +
-             ". Means with 95% bootstrap intervals over the attacked test images; MI in nats.\n",
+             f"Machine: {json.dumps(report['machine'])}. Models and attack budgets: per dataset, below. "
+             f"rmle and shadow average over {RmleAttack.OPTIONS['noise_draws']} runtime-noise draws per step "
+             "against a noisy victim (cem). Means with 95% bootstrap intervals over the attacked test images; "
+             "MI in nats.\n",
              "## Verdicts\n", verdicts(records) + "\n"]
-    if plot_scores(records, args.out / f"attacks{suffix}.png"):
+    if failed:
+        parts += ["Failed cells (retried once by the sweep, then left out): "
+                  + "; ".join(f"{n}: {e}" for n, e in failed.items()) + "\n"]
+    if plot_scores(records, out / f"attacks{suffix}.png"):
         parts += [f"![every attack's score per model, float and int8](attacks{suffix}.png)\n"]
     for ds in datasets:
         ds_records = [r for r in records if r["dataset"] == ds]
-        row = json.loads((Path(ds_records[0]["run_dir"]) / "bench_row.json").read_text())
-        parts += [f"## {ds}\n", sweep.budget_line(ds, [row]) + "\n", table(ds_records) + "\n"]
-        grid = args.out / f"attacks_{ds}{suffix}.png"
+        model = {"dataset": ds, "budget": defenses.budget(Path(ds_records[0]["run_dir"]))}
+        parts += [f"## {ds}\n", defenses.budget_line(ds, [model]) + " " + budgets_line(ds_records) + "\n",
+                  table(ds_records) + "\n"]
+        grid = out / f"attacks_{ds}{suffix}.png"
         if reconstruction_grid(ds_records, grid):
             parts += [f"![{ds} reconstructions from int8 features]({grid.name})\n"]
     parts += ["## Against the published numbers\n", published(records) + "\n", closeness(records) + "\n"]
-    atomic_write_text(args.out / f"attacks{suffix}.md", "\n".join(parts))
+    atomic_write_text(out / f"attacks{suffix}.md", "\n".join(parts))
     print("\n".join(parts))
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

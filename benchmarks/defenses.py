@@ -2,55 +2,42 @@
 identification on float and int8 features, the verdict, and training cost, each against `none`
 trained the same way on the same data.
 
-    python benchmarks/defenses.py                         # MNIST, writes benchmarks/results/
-    python benchmarks/defenses.py --datasets cifar10      # the short CIFAR-10 budget (real accuracy: cifar10.py)
-    python benchmarks/defenses.py --quick                 # checks the script, not the numbers
+    python benchmarks/defenses.py                          # MNIST on a local Ray, writes benchmarks/results/
+    python benchmarks/defenses.py --address HOST:PORT      # the same sweep on a Ray cluster
+    python benchmarks/defenses.py --quick --only cem       # tiny budgets: checks the script, not the numbers
+    edgeveil sweep --config benchmarks/configs/defenses_mnist.yaml --out benchmarks/runs/defenses/mnist
+    python benchmarks/defenses.py --tables-only            # ... then the tables from that sweep's folder
 
-Each (dataset, defense, strength) is one run directory under --runs: train, export (int8), then the
-`inverse` attack on float and int8 features of the same test images, judged against `none` (its
-`attack.baseline`): the verdict needs the attack to prove its power on `none` first. A finished run
-is read back, so an interrupted sweep resumes. The budget (images, epochs, width, attack epochs) is printed beside
-every number. Epoch time is the median over the run's epochs; its ratio to `none` is measured on the
-same machine in the same sweep (other load on the machine shows up in both).
+The grid and its budgets are a sweep file per dataset, benchmarks/configs/defenses_<dataset>.yaml
+(the victims in configs/mnist.yaml; `cifar10` starts from configs/cifar10.yaml, the real-accuracy
+victims of cifar10.py, 25 cells of ~2 h each: meant for a cluster). This script runs it through
+`edgeveil sweep`'s machinery: each (defense, strength) is one run directory under --runs/<dataset>,
+trained, exported to int8, then attacked by `inverse` on float and int8 features of the same test
+images and judged against `none` (its `attack.baseline`); rerunning resumes what finished. Then it
+builds the tables from the run directories, with the budget (images, epochs, width, attack epochs)
+printed beside every number. Epoch time is the median over a run's epochs, divided by `none`'s from
+the same sweep; the interleaved step-time ratio is measured here, on this machine, after the sweep.
 """
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import platform
 import statistics
 import sys
-import io
 import time
 from pathlib import Path
 
-from edgeveil.device.files import atomic_write_bytes, atomic_write_json, atomic_write_text
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _grid  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("EDGEVEIL_SHARED_DATA", REPO.parent / "shared" / "datasets"))
-DATASETS = {
-    "mnist": (f"npz:{SHARED / 'mnist_test.npz'}",
-              ["model.arch=smallcnn", "model.width=full", "data.victim_train=6000", "data.aux=2000",
-               "data.test=1000", "train.epochs=3", "train.batch_size=64"]),
-    "cifar10": (f"npz:{SHARED / 'cifar10_train_jpeg.npz'},{SHARED / 'cifar10_test_jpeg.npz'}",
-                ["model.arch=resnet18", "model.split=1", "model.width=0.25", "data.victim_train=2000",
-                 "data.aux=1000", "data.test=300", "train.epochs=2", "train.batch_size=64",
-                 "attack.inverse.epochs=8"]),
-}
-# defense -> three strengths (its main coefficient; see `edgeveil list defenses`), low to high.
-GRID = {
-    "noise": [0.25, 1.0, 4.0],          # Gaussian sigma in feature units
-    "dropout": [0.2, 0.5, 0.8],         # drop probability
-    "nopeek": [0.3, 1.0, 3.0],          # dCor weight alpha
-    "mid": [0.01, 0.1, 1.0],            # KL weight lambda
-    "adversarial": [0.1, 0.3, 1.0],     # alpha against the jointly trained decoder
-    "infoscissors": [0.1, 0.3, 0.8],    # lambda_d (lambda_l at its default 0.1; their sum must stay < 1)
-    "siftfunnel": [0.5, 2.0, 8.0],      # beta, the dCor weight (the loss on the dataset's own head)
-    "cem": [4.0, 8.0, 16.0],            # lambda on top of noise (its default base strength)
-}
-ATTACK = ["attack.names=[inverse]", "attack.precisions=[float,int8]", "attack.inverse.epochs=10",
-          "attack.inverse.restarts=2", "attack.inverse.width=32"]
+from edgeveil.device.files import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json  # noqa: E402
+
+REPO = _grid.REPO
+DATASETS = {"mnist": _grid.CONFIGS / "defenses_mnist.yaml", "cifar10": _grid.CONFIGS / "defenses_cifar10.yaml"}
+# --quick: on top of the sweep file's budgets
 QUICK = ["train.epochs=1", "data.victim_train=300", "data.aux=200", "data.test=100", "data.evaluator=400",
          "attack.inverse.epochs=1", "attack.inverse.restarts=1", "attack.inverse.width=8"]
 PAPER_DEFENSES = ("infoscissors", "siftfunnel", "cem")
@@ -64,51 +51,30 @@ def machine() -> dict:
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
-def cases(datasets: list[str], only: list[str] | None) -> list[tuple[str, str, float]]:
-    out = []
-    for ds in datasets:
-        out.append((ds, "none", 0.0))
-        for defense, strengths in GRID.items():
-            if only is None or defense in only:
-                out += [(ds, defense, s) for s in strengths]
-    return out
+def budget(run_dir: Path) -> dict:
+    """What one run was trained and attacked with, from its own files."""
+    info = read_json(run_dir / "train" / "model.json")
+    attacks = read_json(run_dir / "cloud" / "attacks.json")
+    splits = info["data"]["splits"]
+    return {"victim_train": splits["victim_train"]["size"], "aux": splits["aux"]["size"],
+            "test": splits["test"]["size"], "epochs": info["train"]["epochs_done"], "arch": info["arch"],
+            "width": info["width"], "split": info["split"], "attack": attacks["attacks"]["inverse"]["options"]}
 
 
-def run_case(ds: str, defense: str, strength: float, runs: Path, quick: bool) -> dict:
-    """Train, export int8 and attack one (dataset, defense, strength); its row (read back if done)."""
-    run_dir = runs / ds / f"{defense}_{strength:g}"
-    done = run_dir / "bench_row.json"
-    if done.is_file():
-        row = json.loads(done.read_text())
-        if "identification" in row:  # rows from before the evaluator are measured again
-            return row
-    from edgeveil.pipeline.attack_stage import attack_stage
-    from edgeveil.pipeline.config import load_config
-    from edgeveil.pipeline.stages import export_stage, train_stage
-
-    data, overrides = DATASETS[ds]
-    baseline = [] if defense == "none" else [f"attack.baseline={runs / ds / 'none_0'}"]
-    cfg = load_config(None, [*ATTACK, f"data.name={data}", *overrides, f"defense.name={defense}",
-                             f"defense.strength={strength}", "export.precisions=[int8]", *baseline,
-                             "export.calibration_samples=200", *(QUICK if quick else [])])
-    t0 = time.perf_counter()
-    metrics = train_stage(cfg, run_dir, progress=True)
-    t1 = time.perf_counter()
-    manifest = export_stage(cfg, run_dir, progress=True)
-    t2 = time.perf_counter()
-    attacks = attack_stage(cfg, run_dir, ["inverse"], progress=True)
-    ev = attacks.get("evaluator") or {}
-    t3 = time.perf_counter()
-    info = json.loads((run_dir / "train" / "model.json").read_text())
+def row(ds: str, cell: dict) -> dict:
+    """One finished cell of the sweep as a table row, read from its run directory."""
+    run_dir = cell["run_dir"]
+    metrics = read_json(run_dir / "train" / "metrics.json")
+    manifest = read_json(run_dir / "export" / "manifest.json")
+    attacks = read_json(run_dir / "cloud" / "attacks.json")
+    info = read_json(run_dir / "train" / "model.json")
     history = [json.loads(line) for line in (run_dir / "train" / "history.jsonl").read_text().splitlines()]
+    ev = attacks.get("evaluator") or {}
     int8 = manifest["artifacts"]["int8"]
     inv = attacks["attacks"]["inverse"]
-    row = {
-        "dataset": ds, "defense": defense, "strength": strength,
-        "budget": {"victim_train": info["data"]["splits"]["victim_train"]["size"],
-                   "aux": info["data"]["splits"]["aux"]["size"], "test": info["data"]["splits"]["test"]["size"],
-                   "epochs": info["train"]["epochs_done"], "arch": info["arch"], "width": info["width"],
-                   "split": info["split"], "attack": inv["options"]},
+    return {
+        "dataset": ds, "defense": info["defense"]["name"], "strength": info["defense"]["strength"],
+        "run_dir": str(run_dir), "budget": budget(run_dir),
         "float_accuracy": metrics["float_test_accuracy"], "int8_accuracy": int8["tail_accuracy"],
         "epoch_seconds": statistics.median(h["seconds"] for h in history),
         "ssim": {p: r["summary"]["ssim"] for p, r in inv["precisions"].items()},
@@ -119,39 +85,33 @@ def run_case(ds: str, defense: str, strength: float, runs: Path, quick: bool) ->
         "ssim_int8_minus_float": inv["differences"]["ssim"]["int8"],
         "noise_after_rounding": int8.get("noise_after_rounding"),
         "xnnpack_safe": int8.get("xnnpack_safe", True),
-        "seconds": {"train": round(t1 - t0, 1), "export": round(t2 - t1, 1), "attack": round(t3 - t2, 1)},
+        "seconds": cell["seconds"],  # per stage, when it ran in the sweep's last invocation
         "targets": attacks["targets"]["n"],
     }
-    atomic_write_json(done, row)  # the resume marker: never half-written
-    return row
 
 
-def step_time_ratios(ds: str, defenses: list[str], steps: int, repeats: int, quick: bool) -> dict:
+def step_time_ratios(cfg, strengths: dict[str, float], steps: int, repeats: int) -> dict:
     """defense -> median time of `steps` training steps over `none`'s, interleaved with each other.
 
-    Round-robin over the defenses `repeats` times, on the dataset's architecture and batch size,
-    each at its middle strength: load on the machine hits all of them alike, so the ratios to
-    `none` hold even when the absolute times do not.
+    Round-robin over the defenses (`strengths`: name -> the strength to time, `none` among them)
+    `repeats` times, on the architecture and batch size of `cfg` (the sweep's `none` cell): load on
+    the machine hits all of them alike, so the ratios to `none` hold even when the absolute times do not.
     """
     import tempfile
 
     import numpy as np
 
-    from edgeveil.pipeline.config import load_config
     from edgeveil.training import archs, defenses as registry
     from edgeveil.training.data import channel_stats, load_dataset, to_tensors
     from edgeveil.training.trainer import Trainer, TrainSettings
 
-    data, overrides = DATASETS[ds]
-    cfg = load_config(None, [f"data.name={data}", *overrides, *(QUICK if quick else [])])
     train, test = load_dataset(cfg.data.name)
     source = train if train is not None else test
     pool = source.subset(np.arange(min(steps * cfg.train.batch_size, len(source))))
     x, y = to_tensors(pool, *channel_stats(pool))
-    times: dict[str, list[float]] = {d: [] for d in defenses}
+    times: dict[str, list[float]] = {d: [] for d in strengths}
     for _ in range(repeats):
-        for name in defenses:
-            strength = GRID[name][1] if name in GRID else 0.0
+        for name, strength in strengths.items():
             model = archs.create(cfg.model.arch, in_channels=x.shape[1], image_size=x.shape[2], num_classes=10,
                                  split=cfg.model.split, width=cfg.model.width)
             defense = registry.create(name, strength)
@@ -253,7 +213,7 @@ def plot(rows: list[dict], path: Path) -> bool:
         return False
     datasets = list(dict.fromkeys(r["dataset"] for r in rows))
     fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4.5), squeeze=False)
-    markers = dict(zip(["none", *GRID], "o^vs<>PDX*"))
+    markers = dict(zip(dict.fromkeys(["none", *(r["defense"] for r in rows)]), "o^vs<>PDX*"))
     for ax, ds in zip(axes[0], datasets):
         for defense in dict.fromkeys(r["defense"] for r in rows if r["dataset"] == ds):
             rs = sorted((r for r in rows if r["dataset"] == ds and r["defense"] == defense), key=lambda r: r["strength"])
@@ -274,60 +234,43 @@ def plot(rows: list[dict], path: Path) -> bool:
     return True
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--datasets", default="mnist", help="comma-separated: mnist, cifar10 (a short budget; "
-                    "benchmarks/cifar10.py trains CIFAR-10 victims to real accuracy)")
-    ap.add_argument("--only", help="comma-separated defenses (default: all); none always runs")
-    ap.add_argument("--quick", action="store_true", help="tiny budget: checks the script, not the numbers")
-    ap.add_argument("--runs", type=Path, default=REPO / "benchmarks" / "runs" / "defenses")
-    ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
-    ap.add_argument("--timing-steps", type=int, default=30, help="training steps per interleaved timing round")
-    ap.add_argument("--timing-repeats", type=int, default=3)
-    ap.add_argument("--no-timing", action="store_true", help="keep the interleaved timing already in --runs")
-    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
-    ap.add_argument("--note", help="how the results were produced (processes, threads, load), printed on top")
-    args = ap.parse_args(argv)
-    datasets = args.datasets.split(",")
-    only = args.only.split(",") if args.only else None
-    bad = [d for d in datasets if d not in DATASETS] + [d for d in only or [] if d not in GRID]
-    if bad:
-        ap.error(f"unknown dataset(s) or defense(s) {bad}; datasets: {', '.join(DATASETS)}; defenses: {', '.join(GRID)}")
-    if args.threads:
-        import torch
-        torch.set_num_threads(args.threads)
-    runs = args.runs.with_name(args.runs.name + "_quick") if args.quick else args.runs
-    todo = cases(datasets, only)
-    rows = []
-    for i, (ds, defense, strength) in enumerate(todo, 1):
-        print(f"== [{i}/{len(todo)}] {ds} {defense} {strength:g}", flush=True)
-        rows.append(run_case(ds, defense, strength, runs, args.quick))
-    # Rows of datasets not run this time (earlier sweeps) stay in the results.
-    for path in sorted(runs.glob("*/*/bench_row.json")):
-        row = json.loads(path.read_text())
-        if not any(r["dataset"] == row["dataset"] and r["defense"] == row["defense"]
-                   and r["strength"] == row["strength"] for r in rows):
-            rows.append(row)
-    timing_path = runs / "timing.json"
-    timing = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
-    for ds in [] if args.no_timing else datasets:
-        names = ["none", *(d for d in GRID if only is None or d in only)]
-        print(f"== interleaved timing on {ds}: {len(names)} defenses × {args.timing_repeats} rounds of "
-              f"{args.timing_steps} steps", flush=True)
-        ratios = step_time_ratios(ds, names, 2 if args.quick else args.timing_steps, args.timing_repeats, args.quick)
-        timing[ds] = {**timing.get(ds, {}), **ratios}
-        atomic_write_json(timing_path, timing)
-    rows = compare(rows, timing)
-    suffix = "_quick" if args.quick else ""
-    args.out.mkdir(parents=True, exist_ok=True)
-    report = {"benchmark": "defenses", "quick": args.quick, "machine": machine(), "grid": GRID, "rows": rows}
-    atomic_write_json(args.out / f"defenses{suffix}.json", report)
-    png = args.out / f"defenses{suffix}.png"
-    has_plot = plot(rows, png)
-    order = {d: i for i, d in enumerate(["none", *GRID])}
+def sweep_rows(datasets: list[str], runs: Path, quick: bool, only: list[str] | None, args) -> tuple[list, dict]:
+    """Run (or, with --tables-only, read) each dataset's sweep; its finished cells as rows, and the
+    failed cells with their errors."""
+    rows, failed = [], {}
+    for ds in datasets:
+        if args.tables_only:
+            plan = _grid.read_plan(runs / ds)  # a missing or unfinished sweep: SystemExit naming it
+        else:
+            print(f"== {ds}: {_grid.announce(DATASETS[ds], runs / ds)}", flush=True)
+            spec = _grid.derive(DATASETS[ds], QUICK if quick else [], only)
+            plan = _grid.run_grid(DATASETS[ds], runs / ds, spec, address=args.address, max_parallel=args.max_parallel)
+        rows += [row(ds, cell) for cell in _grid.done_cells(plan)]
+        failed.update(_grid.failed_cells(plan))
+    return rows, failed
+
+
+def interleaved_timing(ds: str, runs: Path, quick: bool, only: list[str] | None, args) -> dict:
+    """Each defense at its middle strength against `none`, on the sweep's `none` cell's config."""
+    from edgeveil.pipeline.config import from_dict
+
+    spec = _grid.derive(DATASETS[ds], QUICK if quick else [], only)
+    strengths = {"none": 0.0, **{d: s[len(s) // 2] for d, s in _grid.grid_defenses(spec).items()}}
+    plan = _grid.read_plan(runs / ds)
+    cfg = from_dict(next(c["config"] for c in plan["cells"] if c["baseline"] is None))
+    print(f"== interleaved timing on {ds}: {len(strengths)} defenses × {args.timing_repeats} rounds of "
+          f"{args.timing_steps} steps", flush=True)
+    return step_time_ratios(cfg, strengths, 2 if quick else args.timing_steps, args.timing_repeats)
+
+
+def markdown(rows: list[dict], failed: dict, report: dict, args, png: Path | None) -> str:
+    reproduce = "python benchmarks/defenses.py" + (" --quick" if args.quick else "") + (
+        f" --only {args.only}" if args.only else "")
     parts = ["# Defenses: accuracy, what the inverse attack recovers on float and int8 features, the verdict, "
              "training cost\n",
-             f"Reproduce: `python benchmarks/defenses.py{' --quick' if args.quick else ''}`\n",
+             f"Reproduce: `{reproduce}` (a local Ray; `--address HOST:PORT` for a cluster). The grid: "
+             + ", ".join(f"`{DATASETS[ds].relative_to(REPO)}`" for ds in dict.fromkeys(r["dataset"] for r in rows))
+             + ", run by `edgeveil sweep`.\n",
              *([f"This run: {args.note}\n"] if args.note else []),
              f"Machine: {json.dumps(report['machine'])}. Other jobs shared the 2 cores during the sweep, so the "
              "epoch times of the sweep (median epoch of each run, divided by `none`'s) carry that load. The "
@@ -347,15 +290,77 @@ def main(argv=None) -> int:
              "more is requantized onto the output range widened by 4σ (device.noise.sent_qparams), not clipped "
              "at the ReLU zero point.\n",
              verdict_line(rows) + "\n"]
+    if failed:
+        parts += ["Failed cells (retried once by the sweep, then left out of the tables): "
+                  + "; ".join(f"{n}: {e}" for n, e in failed.items()) + "\n"]
     for ds in dict.fromkeys(r["dataset"] for r in rows):
-        ds_rows = sorted((r for r in rows if r["dataset"] == ds), key=lambda r: (order[r["defense"]], r["strength"]))
+        ds_rows = [r for r in rows if r["dataset"] == ds]
         parts += [f"## {ds}\n", budget_line(ds, ds_rows) + "\n", table(ds_rows) + "\n"]
-    if has_plot:
+    if png is not None:
         parts.append(f"![accuracy against inverse SSIM]({png.name})\n")
-    atomic_write_text(args.out / f"defenses{suffix}.md", "\n".join(parts))
-    print("\n".join(parts))
-    print(f"wrote {args.out / f'defenses{suffix}.md'} and .json")
-    return 0
+    return "\n".join(parts)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--datasets", default="mnist", help="comma-separated: mnist, cifar10 (benchmarks/configs/"
+                    "defenses_<dataset>.yaml; cifar10 is real-accuracy training: a cluster's job)")
+    ap.add_argument("--only", help="comma-separated defenses (default: all); none always runs")
+    ap.add_argument("--quick", action="store_true", help="tiny budget: checks the script, not the numbers")
+    ap.add_argument("--address", help="a running Ray cluster (host:port); default: a local Ray, stopped at the end")
+    ap.add_argument("--max-parallel", type=int, help="at most this many cells at once (default: what the CPUs allow)")
+    ap.add_argument("--tables-only", action="store_true", help="only the tables, from sweeps already run into "
+                    "--runs/<dataset> (by this script or `edgeveil sweep`)")
+    ap.add_argument("--runs", type=Path, default=REPO / "benchmarks" / "runs" / "defenses",
+                    help="one sweep folder per dataset under it")
+    ap.add_argument("--threads", type=int, help="torch threads of the interleaved timing (default: torch's choice)")
+    ap.add_argument("--timing-steps", type=int, default=30, help="training steps per interleaved timing round")
+    ap.add_argument("--timing-repeats", type=int, default=3)
+    ap.add_argument("--no-timing", action="store_true", help="keep the interleaved timing already in --runs")
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    ap.add_argument("--note", help="how the results were produced (processes, threads, load), printed on top")
+    args = ap.parse_args(argv)
+    datasets = args.datasets.split(",")
+    only = args.only.split(",") if args.only else None
+    bad = [d for d in datasets if d not in DATASETS]
+    if bad:
+        ap.error(f"unknown dataset(s) {bad}; known: {', '.join(DATASETS)}")
+    try:
+        for ds in datasets:
+            _grid.derive(DATASETS[ds], only=only)
+    except ValueError as e:
+        ap.error(str(e))
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+    runs = (args.runs.with_name(args.runs.name + "_quick") if args.quick else args.runs).resolve()
+    out = args.out.resolve()
+    _grid.at_repo_root()
+    rows, failed = sweep_rows(datasets, runs, args.quick, only, args)
+    # Rows of datasets not run this time (earlier sweeps in --runs) stay in the results.
+    for ds in DATASETS:
+        if ds not in datasets and (runs / ds / "sweep.json").is_file():
+            rows += [row(ds, cell) for cell in _grid.done_cells(_grid.read_plan(runs / ds))]
+    if not any(r["defense"] == "none" for r in rows):
+        print("no finished baseline: nothing to compare; failed cells: " + json.dumps(failed), file=sys.stderr)
+        return 1
+    timing_path = runs / "timing.json"
+    timing = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
+    for ds in [] if args.no_timing or args.tables_only else datasets:
+        timing[ds] = {**timing.get(ds, {}), **interleaved_timing(ds, runs, args.quick, only, args)}
+        atomic_write_json(timing_path, timing)
+    rows = compare(rows, timing)
+    suffix = "_quick" if args.quick else ""
+    report = {"benchmark": "defenses", "quick": args.quick, "machine": machine(),
+              "sweeps": {ds: str(DATASETS[ds].relative_to(REPO)) for ds in dict.fromkeys(r["dataset"] for r in rows)},
+              "failed": failed, "rows": rows}
+    atomic_write_json(out / f"defenses{suffix}.json", report)
+    png = out / f"defenses{suffix}.png"
+    md = markdown(rows, failed, report, args, png if plot(rows, png) else None)
+    atomic_write_text(out / f"defenses{suffix}.md", md)
+    print(md)
+    print(f"wrote {out / f'defenses{suffix}.md'} and .json")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

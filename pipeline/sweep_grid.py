@@ -1,7 +1,8 @@
 """A sweep file expanded into cells: one run directory, with its validated config, per combination.
 
-    base: {data: {name: digits}, train: {epochs: 1}}   # a run config every cell starts from
-    base_config: configs/cifar10.yaml                  # ... or a config file (relative to the sweep file)
+    base_config: configs/cifar10.yaml                  # a run config file every cell starts from
+                                                       # (relative to the sweep file); optional
+    base: {data: {name: digits}, train: {epochs: 1}}   # config sections merged over base_config (or the defaults)
     grid:
       datasets: [digits]                       # data.name
       archs: [smallcnn, resnet18]              # model.arch
@@ -13,7 +14,7 @@
     resources: {cpus: 1, gpus: auto}           # per stage task; auto: one GPU when the cluster has one
 
 A cell is (dataset, arch, defense, strength); attacks and precisions are what every cell is attacked
-with. Each (dataset, arch) gets an undefended baseline (added when the grid has no `none`), and every
+with. A cell's config is base_config, then base, then set, then the grid's values. Each (dataset, arch) gets an undefended baseline (added when the grid has no `none`), and every
 defended cell of that (dataset, arch) is judged against it (`attack.baseline`).
 
     load_sweep(path, out) -> Sweep   # raises SweepError naming the field, before anything runs
@@ -113,18 +114,19 @@ def _read(path: Path) -> dict:
 
 
 def _base(raw: dict, path: Path) -> dict:
-    if "base" in raw and "base_config" in raw:
-        raise SweepError(f"{path}: give either base (a config mapping) or base_config (a file), not both")
+    """base_config (a run config file, relative to the sweep file), with base's sections merged over it."""
+    start: dict = {}
     if "base_config" in raw:
+        if not isinstance(raw["base_config"], str) or not raw["base_config"]:
+            raise SweepError(f"{path}: base_config must be a path to a run config file, got {raw['base_config']!r}")
         try:
-            base = read_yaml_mapping((path.parent / raw["base_config"]).resolve(), f"{path}: base_config")
+            start = read_yaml_mapping((path.parent / raw["base_config"]).resolve(), f"{path}: base_config")
         except ConfigError as e:
             raise SweepError(str(e)) from None
-    else:
-        base = raw.get("base") or {}
+    base = raw.get("base") or {}
     if not isinstance(base, dict):
         raise SweepError(f"{path}: base must be a mapping of config sections, got {type(base).__name__}")
-    return base
+    return merge_dicts(start, base)
 
 
 def _resources(raw: dict, path: Path) -> tuple[float, str | float]:

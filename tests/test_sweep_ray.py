@@ -85,6 +85,25 @@ def test_the_command_refuses_an_invalid_cell_without_starting_ray_or_writing(tmp
     assert not (tmp_path / "out").exists() and not ray.is_initialized()
 
 
+def test_base_is_merged_over_base_config_then_set_then_the_grid(tmp_path):
+    (tmp_path / "victims.yaml").write_text(yaml.safe_dump(
+        {"data": {"name": "digits", "test": 200}, "train": {"lr": 0.5, "batch_size": 16}}))
+    path = _sweep_file(tmp_path, {"defenses": {"noise": [0.5]}}, ["train.batch_size=8"], base_config="victims.yaml",
+                       base={"train": {"lr": 0.01}, "attack": {"inverse": {"epochs": 4}, "rmle": {"steps": 7}}})
+    for cell in load_sweep(path, tmp_path / "out").cells:
+        cfg = cell.cfg
+        assert cfg.data.test == 200                                    # from base_config only
+        assert cfg.train.lr == 0.01 and cfg.train.batch_size == 8      # base over base_config; set over both
+        assert cfg.attack.options["rmle"] == {"steps": 7}              # from base only
+        assert cfg.attack.options["inverse"]["epochs"] == 2            # set over base
+    path = _sweep_file(tmp_path, {}, base_config="victims.yaml", base={"train": {"epochz": 3}})
+    with pytest.raises(SweepError, match="train.epochz"):
+        load_sweep(path, tmp_path / "out")
+    path = _sweep_file(tmp_path, {}, base_config=["victims.yaml"])
+    with pytest.raises(SweepError, match="base_config must be a path"):
+        load_sweep(path, tmp_path / "out")
+
+
 def test_unknown_keys_in_the_sweep_file_are_named(tmp_path):
     path = _sweep_file(tmp_path, {"defenses": {"none": [0]}}, stagez=["train"])
     with pytest.raises(SweepError, match="unknown key.*stagez"):

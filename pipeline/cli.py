@@ -103,8 +103,15 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_export(args) -> int:
+    from edgeveil.export.memplan import check_memory_plan
+
     from .stages import export_stage
 
+    check_memory_plan(args.memory_plan)  # bad flags fail before the run directory is read
+    if args.target is not None:
+        from edgeveil.export.targets import check_plan_target
+
+        check_plan_target(args.memory_plan, args.target)
     cfg = _run_config(args)
     manifest = export_stage(cfg, args.run_dir, progress=not args.no_progress, target=args.target,
                             memory_plan=args.memory_plan)

@@ -58,7 +58,7 @@ def head_row(run_dir: Path, scratch: Path) -> dict:
             "tflm": {k: own[k] for k in ("arena_bytes", "breakdown")},
             "offline": {"arena_bytes": plan["arena"]["arena_bytes"], "breakdown": plan["arena"]["breakdown"],
                         "plan_bytes": plan["planned_bytes"], "aligned_peak_bytes": plan["lower_bound_bytes"],
-                        "order": plan["order"], "buffers": plan["buffers"], "tflm_order_bytes": plan["tflm_order_bytes"],
+                        "method": plan["method"], "buffers": plan["buffers"], "tflm_order_bytes": plan["tflm_order_bytes"],
                         "model_bytes": plan["model_bytes"], "bit_exact_vs_unplanned": plan["bit_exact_vs_unplanned"],
                         "kernels": plan["kernels"]},
             "seconds": round(time.perf_counter() - started, 1)}
@@ -96,7 +96,7 @@ def gap_notes(rows: list[dict]) -> str:
         buckets = ", ".join(f"{k} {v['used_bytes']:,}" for k, v in b["buckets"].items())
         verdict = "meets" if o["arena_bytes"] <= GOAL * bound else "misses"
         lines.append(f"- {_name(r)} ({verdict} {GOAL}x): {o['arena_bytes']:,} B = planned tensors {o['plan_bytes']:,} B "
-                     f"({o['plan_bytes'] / bound:.3f}x the bound, {o['buffers']} buffers, first-fit {o['order']}; "
+                     f"({o['plan_bytes'] / bound:.3f}x the bound, {o['buffers']} buffers, {o['method']}; "
                      f"TFLM's order gives {o['tflm_order_bytes']:,} B) + scratch {scratch:,} B + persistent tail "
                      f"{b['tail_bytes']:,} B ({buckets}) + {o['arena_bytes'] - b['total_bytes']:,} B alignment. "
                      f"Peak at op {r['peak_at']['op_index']} ({r['peak_at']['op']}).")

@@ -23,7 +23,8 @@ tensor placed before it whose lifetime overlaps) in several orders, the smallest
 planner is the same placement in one order, by size with ties in tensor order; on equal sizes that
 order can fragment the arena, while ordering by first use is optimal for equal sizes (interval graph
 colouring). No plan can be smaller than the peak of simultaneously live (aligned) bytes, so a plan
-that reaches it is optimal, and the search stops there.
+that reaches it is optimal, and the search stops there. When no order reaches it, a bounded
+depth-first search looks for a plan within the peak (`_fit_within`).
 """
 from __future__ import annotations
 
@@ -44,6 +45,8 @@ PLAN_METADATA = "OfflineMemoryAllocation"
 MEMORY_PLANS = {"tflm": "TFLite Micro's own greedy planner, run on the board at start-up",
                 "offline": "offsets computed here and stored in the model's OfflineMemoryAllocation metadata"}
 _ALIGN = 16  # TFLM's MicroArenaBufferAlignment
+_SEARCH_BUDGET = 200_000  # search nodes (well under a second per 10,000 in CPython)
+_SEARCH_MAX_BUFFERS = 300  # recursion depth
 _ONLINE = -1
 
 
@@ -106,18 +109,23 @@ def live_peak(buffers: list[Buffer]) -> int:
     return max((sum(b.bytes for b in buffers if b.first <= s <= b.last) for s in steps), default=0)
 
 
-def plan_offsets(buffers: list[Buffer]) -> tuple[dict[int, int], str]:
-    """{tensor: offset} and the order that produced it: the smallest first-fit plan over several
-    orders (stops early at the live peak, which is optimal)."""
+def plan_offsets(buffers: list[Buffer], *, budget: int = _SEARCH_BUDGET) -> tuple[dict[int, int], str]:
+    """{tensor: offset} and how it was found: the smallest first-fit plan over several orders,
+    stopping early at the live peak (optimal); when none reaches it, a bounded search for a plan
+    within the peak (`budget` search nodes), else the best first-fit plan."""
     bound = live_peak(buffers)
-    best, best_order = None, None
+    best, how = None, "empty"
     for order, key in _ORDERS.items():
         offsets = _first_fit(sorted(buffers, key=key))
         if best is None or plan_size(buffers, offsets) < plan_size(buffers, best):
-            best, best_order = offsets, order
+            best, how = offsets, f"first-fit {order}"
         if plan_size(buffers, best) == bound:
-            break
-    return best or {}, best_order or "empty"
+            return best, how
+    if best is not None and len(buffers) <= _SEARCH_MAX_BUFFERS:
+        found = _fit_within(buffers, bound, budget)
+        if found is not None:
+            return found, "search within the live peak"
+    return best or {}, how
 
 
 _ORDERS = {
@@ -127,6 +135,38 @@ _ORDERS = {
     "by size x lifetime": lambda b: (-b.bytes * (b.last - b.first + 1), b.tensor),
     "by lifetime": lambda b: (b.first - b.last, -b.bytes, b.tensor),
 }
+
+
+def _fit_within(buffers: list[Buffer], target: int, budget: int) -> dict[int, int] | None:
+    """A plan no higher than `target` bytes, or None when none turned up within `budget` nodes.
+
+    Depth-first over the buffers by size; each goes at 0, against the ceiling, or right above or
+    below a placed buffer it shares a step with (first-fit alone never tries the ceiling, which
+    some interleavings need: MobileNetV2's residual adds keep a small tensor alive across two
+    pairs of large ones)."""
+    order = sorted(buffers, key=lambda b: (-b.bytes, b.first, b.tensor))
+    placed: dict[int, int] = {}
+    nodes = 0
+
+    def place(i: int) -> bool:
+        nonlocal nodes
+        if i == len(order):
+            return True
+        nodes += 1
+        if nodes > budget:
+            return False
+        b = order[i]
+        live = [(placed[o.tensor], o.bytes) for o in order[:i] if b.overlaps_in_time(o)]
+        tries = {0, target - b.bytes, *(off + size for off, size in live), *(off - b.bytes for off, size in live)}
+        for off in sorted(t for t in tries if 0 <= t <= target - b.bytes):
+            if all(off >= o + size or o >= off + b.bytes for o, size in live):
+                placed[b.tensor] = off
+                if place(i + 1):
+                    return True
+                del placed[b.tensor]
+        return False
+
+    return dict(placed) if place(0) else None
 
 
 def _first_fit(ordered: list[Buffer]) -> dict[int, int]:
@@ -228,9 +268,9 @@ def read_plan(model_bytes: bytes) -> list[int] | None:
 def plan_model(src, dst) -> dict:
     """Plan `src` (a .tflite TFLite Micro can run) and write the planned copy to `dst`.
 
-    Returns {"file", "source", "model_bytes" (of the planned copy), "planned_bytes", "lower_bound_bytes", "ratio", "order", "buffers", "offsets"
-    ({tensor name: offset}), "tflm_order_bytes" (the same placement in TFLM's own order, for
-    comparison)}. Refuses a model TFLite Micro cannot run (fp16 or dynamic-range weights).
+    Returns {"file", "source", "model_bytes" (of the planned copy), "planned_bytes",
+    "lower_bound_bytes", "ratio", "method", "buffers", "offsets" ({tensor name: offset}),
+    "tflm_order_bytes" (the same placement in TFLM's own order, for comparison)}. Refuses a model TFLite Micro cannot run (fp16 or dynamic-range weights).
     """
     from .carray import NotFullInteger, float_parts
 
@@ -242,7 +282,7 @@ def plan_model(src, dst) -> dict:
         raise NotFullInteger(f"cannot plan {src} for TFLite Micro: {parts.describe()}. TFLite Micro has no fp16-weight "
                              "or hybrid kernels: plan the int8 export, head_int8.tflite")
     buffers, count = tensor_lifetimes(src)
-    offsets, order = plan_offsets(buffers)
+    offsets, method = plan_offsets(buffers)
     check_plan(buffers, offsets)
     data = embed_plan(src.read_bytes(), offsets, count)
     if read_plan(data) != [offsets.get(t, _ONLINE) for t in range(count)]:
@@ -250,8 +290,9 @@ def plan_model(src, dst) -> dict:
     atomic_write_bytes(dst, data)
     planned, bound = plan_size(buffers, offsets), live_peak(buffers)
     tflm_order = _first_fit(sorted(buffers, key=lambda b: (-b.bytes, b.tensor)))
-    return {"file": dst.name, "source": src.name, "model_bytes": len(data), "planned_bytes": planned, "lower_bound_bytes": bound,
-            "ratio": planned / bound if bound else 1.0, "order": order, "buffers": len(buffers),
+    return {"file": dst.name, "source": src.name, "model_bytes": len(data), "planned_bytes": planned,
+            "lower_bound_bytes": bound, "ratio": planned / bound if bound else 1.0, "method": method,
+            "buffers": len(buffers),
             "tflm_order_bytes": plan_size(buffers, tflm_order),
             "offsets": {b.name: offsets[b.tensor] for b in buffers}}
 

@@ -187,8 +187,8 @@ def _planner_overhead(arena: dict, graph: dict) -> dict:
     note = None
     if over > PLANNER_OVERHEAD_NOTE:
         note = (f"TFLite Micro's greedy planner uses {head:,} B for activations, {over:.0%} above the "
-                f"{bound:,} B lower bound from tensor lifetimes: a better plan (an offline plan in the "
-                f"model's metadata) could save up to {head - bound:,} B")
+                f"{bound:,} B lower bound from tensor lifetimes: an offline plan in the model's metadata "
+                f"(`--memory-plan offline`) could save up to {head - bound:,} B")
     return {"head_bytes": head, "lower_bound_bytes": bound, "overhead": over, "note": note}
 
 

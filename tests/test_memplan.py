@@ -11,12 +11,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import tiny_exported_run
 from edgeveil.export.errors import ExportError
 from edgeveil.export.graph import activation_lower_bound, read_graph
-from edgeveil.export.memplan import (PLAN_METADATA, Buffer, check_memory_plan, check_plan, embed_plan, live_peak,
-                                     plan_model, plan_offsets, plan_size, read_plan, tensor_lifetimes)
+from edgeveil.export.memplan import (
+    PLAN_METADATA,
+    Buffer,
+    check_memory_plan,
+    check_plan,
+    embed_plan,
+    live_peak,
+    plan_model,
+    plan_offsets,
+    plan_size,
+    read_plan,
+    tensor_lifetimes,
+)
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "digits_tiny"
 INT8 = FIXTURE / "head_int8.tflite"
@@ -186,7 +196,7 @@ def cli(*argv) -> tuple[int, str, str]:
 def test_bad_memory_plan_arguments_fail_before_any_work(tmp_path, args, message):
     run = tmp_path / "never_trained"  # no run at all: the check must come first
     run.mkdir()
-    code, out, err = cli("export", str(run), *args)
+    code, _, err = cli("export", str(run), *args)
     assert code == 1 and re.search(message, err), err
     assert not any(run.rglob("*.tflite"))
 

@@ -13,10 +13,17 @@ bytes plus a stated TFLite Micro runtime estimate), and a latency range labelled
 The shared measurements (graph figures, arena, TFLite Micro against the reference kernels and
 XNNPACK on real test images, Vela) are made once. Everything lands in manifest.json under
 "targets" (an atomic rewrite; the manifest's validator allows extra keys).
+
+`memory_plan="offline"` (MCU boards) also plans the arena here (`edgeveil.export.memplan`) and
+writes the planned copy, head_<precision>_planned.tflite, and its C array instead of the plain
+model's; the planned model's arena is measured the same way, its outputs compared bit for bit with
+the plain model's under TFLite Micro (run in its minimum arena) and with the reference kernels,
+and the fit rows judge RAM by the arena of the model that is flashed.
 """
 from __future__ import annotations
 
 import datetime
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,9 +32,10 @@ from edgeveil.device.manifest import artifact_path, read_manifest, validate_mani
 
 from . import boards as board_profiles
 from .estimate import estimate_latency, macs_by_class
+from .memplan import check_memory_plan
 
 __all__ = ["TARGETS_SCHEMA", "RUNTIME_FLASH", "PLANNER_OVERHEAD_NOTE", "target_report", "analyse", "fit_row",
-           "format_fit_table", "format_target_summary", "current_manifest"]
+           "format_fit_table", "format_target_summary", "current_manifest", "check_plan_target"]
 
 TARGETS_SCHEMA = "edgeveil.targets/1"
 # TFLite Micro's code in flash, beside the model bytes (neither figure is measured here).
@@ -44,28 +52,44 @@ _SAMPLES = 300
 
 
 def target_report(export_dir, board: str, *, precision: str = "int8", write: bool = True,
-                  samples: int = _SAMPLES, progress: bool = False) -> dict:
+                  samples: int = _SAMPLES, progress: bool = False, memory_plan: str = "tflm") -> dict:
     """Check, write the flashable files for `board`, and fit-report every board; returns the
     manifest's "targets" section (also written into manifest.json when `write`).
 
     samples: test images (from the run's test split) for the arena probe and the kernel comparison.
     Raises UnsupportedOperator / NotFullInteger (ValueErrors naming the operator or float part)
     for an MCU board before anything is written.
+    memory_plan: "tflm" (TFLM plans the arena on the board) or "offline" (see the module docstring).
     """
     started = time.perf_counter()
     export_dir = Path(export_dir)
-    target = board_profiles.get_board(board)
+    target = check_plan_target(memory_plan, board)
     manifest_path = export_dir / "manifest.json"
     manifest = read_manifest(manifest_path)
     path = artifact_path(manifest_path, precision, manifest)
     opcheck = _check_target(path, target)
-    analysis = analyse(path, export_dir, precision, samples=samples, progress=progress)
-    files = _write_files(path, export_dir, target, precision, write)
+    with tempfile.TemporaryDirectory(prefix="edgeveil_plan_") as scratch:
+        planned = None
+        if memory_plan == "offline":
+            planned = (export_dir if write else Path(scratch)) / f"{path.stem}_planned.tflite"
+        analysis = analyse(path, export_dir, precision, samples=samples, progress=progress, planned=planned)
+    files = _write_files(planned or path, export_dir, target, precision, write)
     section = _section(manifest, path, precision, analysis, target, opcheck, files, started)
     if write:
         manifest["targets"] = section
         atomic_write_json(manifest_path, validate_manifest(manifest, str(manifest_path)))
     return section
+
+
+def check_plan_target(memory_plan: str, board: str):
+    """The board profile, once `memory_plan` is known and fits the board (an offline plan is a
+    TFLite Micro arena plan: MCU boards only). Cheap: call it before a long export."""
+    check_memory_plan(memory_plan)
+    target = board_profiles.get_board(board)
+    if memory_plan == "offline" and not target.is_mcu:
+        raise ValueError(f"--memory-plan offline plans a TFLite Micro arena, but {board} is a {target.kind} board "
+                         f"running {target.runtime}: pick an MCU board (edgeveil list boards) or drop --memory-plan")
+    return target
 
 
 def _check_target(path: Path, board) -> dict:
@@ -86,7 +110,7 @@ def _write_files(path: Path, export_dir: Path, board, precision: str, write: boo
         return {"tflite": path.name}
     from .carray import write_c_array
 
-    written = write_c_array(path, export_dir, name=f"head_{precision}")
+    written = write_c_array(path, export_dir, name=path.stem)
     return {"tflite": path.name, "cc": Path(written["cc"]).name, "h": Path(written["h"]).name,
             "symbol": written["symbol"], "length_symbol": written["length_symbol"],
             "alignment": written["alignment"], "sha256": written["sha256"], "bytes": written["bytes"]}
@@ -96,9 +120,10 @@ def _write_files(path: Path, export_dir: Path, board, precision: str, write: boo
 
 
 def analyse(path: Path, export_dir: Path, precision: str, *, samples: int = _SAMPLES,
-            progress: bool = False) -> dict:
+            progress: bool = False, planned: Path | None = None) -> dict:
     """The board-independent figures: graph, and for a full-integer model the TFLite Micro arena,
-    the kernel comparison on real test inputs and Vela's estimates ({"graph", "full_integer", ...})."""
+    the kernel comparison on real test inputs and Vela's estimates ({"graph", "full_integer", ...}).
+    planned: where to write an offline-planned copy; its figures go under "memory_plan"."""
     from .carray import float_parts
     from .graph import read_graph, summarize
 
@@ -116,6 +141,8 @@ def analyse(path: Path, export_dir: Path, precision: str, *, samples: int = _SAM
     result["arena"] = measure_arena(path, inputs=inputs)
     result["arena"]["planner_overhead"] = _planner_overhead(result["arena"], graph)
     result["kernels"] = compare_kernels(path, inputs, progress=progress)
+    if planned is not None:
+        result["memory_plan"] = offline_plan(path, planned, inputs, graph, progress=progress)
     boards = board_profiles.load_boards().values()
     accelerators = dict.fromkeys([*_VELA_ACCELERATORS, *(b.vela_accelerator for b in boards if b.vela_accelerator)])
     result["vela"] = {acc: vela_estimate(path, acc) for acc in accelerators}
@@ -135,6 +162,24 @@ def _test_inputs(export_dir: Path, precision: str, samples: int):
     return HeadRunner(export_dir, precision).preprocess(images)
 
 
+def offline_plan(path: Path, planned: Path, inputs, graph: dict, *, progress: bool = False) -> dict:
+    """Plan `path` into `planned` and measure it: the plan's figures (memplan.plan_model), "arena"
+    (measure_arena of the planned model), "kernels" (compare_kernels of the planned model) and
+    "bit_exact_vs_unplanned" (TFLM's outputs of the planned model in its minimum arena against the
+    plain model's, on `inputs`)."""
+    import numpy as np
+
+    from .memplan import plan_model
+    from .tflm import compare_kernels, measure_arena, tflm_outputs
+
+    plan = plan_model(path, planned)
+    arena = measure_arena(planned, inputs=inputs)
+    arena["planner_overhead"] = _planner_overhead(arena, graph)
+    same = np.array_equal(tflm_outputs(planned, inputs, arena_bytes=arena["arena_bytes"]), tflm_outputs(path, inputs))
+    return {**plan, "kind": "offline", "arena": arena, "kernels": compare_kernels(planned, inputs, progress=progress),
+            "bit_exact_vs_unplanned": bool(same)}
+
+
 def _planner_overhead(arena: dict, graph: dict) -> dict:
     """TFLM's planned activations (the arena's head) against the lifetime lower bound."""
     bound, head = graph["activation_lower_bound_bytes"], arena["breakdown"]["head_bytes"]
@@ -142,8 +187,8 @@ def _planner_overhead(arena: dict, graph: dict) -> dict:
     note = None
     if over > PLANNER_OVERHEAD_NOTE:
         note = (f"TFLite Micro's greedy planner uses {head:,} B for activations, {over:.0%} above the "
-                f"{bound:,} B lower bound from tensor lifetimes: a better plan (an offline plan in the "
-                f"model's metadata) could save up to {head - bound:,} B")
+                f"{bound:,} B lower bound from tensor lifetimes: an offline plan in the model's metadata "
+                f"(`--memory-plan offline`) could save up to {head - bound:,} B")
     return {"head_bytes": head, "lower_bound_bytes": bound, "overhead": over, "note": note}
 
 
@@ -188,15 +233,19 @@ def _ram(board, analysis: dict) -> dict:
     if board.vela_accelerator:
         return _margin(analysis["vela"][board.vela_accelerator]["sram_bytes"], board.arena_limit_bytes,
                        f"Vela SRAM ({board.vela_accelerator}) vs {block}")
-    arena = analysis["arena"]
+    arena, plan = analysis["arena"], analysis.get("memory_plan")
+    if plan:
+        arena = plan["arena"]
     return _margin(arena["recommended_bytes"], board.arena_limit_bytes,
-                   f"TFLM arena +{arena['margin']:.0%} vs {block}")
+                   f"TFLM arena{' (offline plan)' if plan else ''} +{arena['margin']:.0%} vs {block}")
 
 
 def _flash(board, analysis: dict) -> dict:
     if not board.is_mcu:
         return _margin(analysis["model_bytes"], board.flash_bytes, "model file (card storage)")
     model, what = analysis["model_bytes"], "model + TFLM runtime (high estimate) vs flash"
+    if analysis.get("memory_plan"):
+        model = analysis["memory_plan"]["model_bytes"]
     if board.vela_accelerator:
         model = analysis["vela"][board.vela_accelerator]["optimised_model"]
         what = "Vela-compiled model + TFLM runtime (high estimate) vs flash"
@@ -292,6 +341,18 @@ def current_manifest(run_dir, precisions, calibration_samples: int) -> dict | No
     return manifest if same else None
 
 
+def format_plan(plan: dict, tflm_arena: int) -> str:
+    """One line on the offline plan: both arenas, the planned activations against the bound, exactness."""
+    arena, bound = plan["arena"], plan["lower_bound_bytes"]
+    exact = plan["bit_exact_vs_unplanned"] and plan["kernels"]["tflm_vs_reference"]["bit_exact"]
+    return (f"offline memory plan ({plan['file']}): arena {arena['arena_bytes']:,} B against {tflm_arena:,} B with "
+            f"TFLM's own planner ({arena['arena_bytes'] - tflm_arena:+,} B); planned activations "
+            f"{arena['breakdown']['head_bytes']:,} B = {arena['breakdown']['head_bytes'] / bound:.3f}x the "
+            f"{bound:,} B lower bound, TFLM's persistent structs {arena['breakdown']['tail_bytes']:,} B; outputs "
+            + ("bit-exact against the plain model and the reference kernels" if exact else
+               "NOT bit-exact: do not flash it (report this as a bug)"))
+
+
 def format_target_summary(section: dict) -> str:
     """What `edgeveil export --target` prints: the files, the checks, then the fit table."""
     board = section["last_target"]
@@ -315,9 +376,11 @@ def format_target_summary(section: dict) -> str:
         lines.append(f"  TFLite Micro arena: {arena['arena_bytes']:,} B measured, {arena['recommended_bytes']:,} B "
                      f"with the {arena['margin']:.0%} margin ({arena['note']}); activations' lower bound "
                      f"{over['lower_bound_bytes']:,} B, planner {over['head_bytes']:,} B ({over['overhead']:+.0%})")
-        if over["note"]:
+        if over["note"] and not a.get("memory_plan"):
             lines.append(f"  {over['note']}")
         lines.append(f"  {a['kernels']['message']}")
+        if a.get("memory_plan"):
+            lines.append(f"  {format_plan(a['memory_plan'], arena['arena_bytes'])}")
     g = a["graph"]
     lines.append(f"  {g['macs']:,} MACs, {g['parameters']:,} parameters; flash adds a TFLite Micro runtime of "
                  f"{RUNTIME_FLASH['low_bytes'] // 1024}-{RUNTIME_FLASH['high_bytes'] // 1024} KiB (high end used)")

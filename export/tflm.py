@@ -38,7 +38,7 @@ from .carray import NotFullInteger, check_full_integer, float_parts
 from .convert import _read_tflite
 from .errors import ExportError
 
-__all__ = ["measure_arena", "check_arena", "compare_kernels", "tflm_version"]
+__all__ = ["measure_arena", "check_arena", "compare_kernels", "tflm_outputs", "tflm_version"]
 
 _ALIGN = 16  # bytes: TFLM aligns every buffer to 16; the search gallops in these steps
 _DEFAULT_MAX = 64 << 20
@@ -134,6 +134,18 @@ def compare_kernels(tflite_path, inputs_int8, *, progress: bool = False) -> dict
                                "xnnpack_active": default.xnnpack}}
     result["message"] = _kernels_message(result)
     return result
+
+
+def tflm_outputs(tflite_path, inputs, *, arena_bytes: int = _DEFAULT_MAX) -> np.ndarray:
+    """TFLite Micro's output codes for `inputs` (N, H, W, C) in the input dtype, in an arena of
+    `arena_bytes` (e.g. a measured minimum: the outputs a board with exactly that arena computes)."""
+    _check_size("arena_bytes", arena_bytes, minimum=1)
+    runtime, (data, detail) = _tflm(), _tflm_model(tflite_path)
+    x = _check_batch(inputs, detail, "inputs")
+    interp, log = _attempt(runtime, data, arena_bytes, x[:1])
+    if interp is None:
+        _raise_unrunnable(tflite_path, log, arena_bytes)
+    return _run_tflm(interp, x, progress=False)
 
 
 # ------------------------------------------------------------------------------- the model

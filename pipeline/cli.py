@@ -38,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="export the trained head to ONNX and TFLite, with parity checks")
     e.add_argument("run_dir", type=Path)
     e.add_argument("--target", help="board profile for flashable files and a fit report")
+    e.add_argument("--memory-plan", default="tflm", metavar="{tflm,offline}",
+                   help="with an MCU --target: 'offline' plans the TFLite Micro arena here and writes "
+                        "head_int8_planned.tflite and its C array (default 'tflm': TFLM plans on the board)")
     e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
     ls = sub.add_parser("list", help="list registered components")
@@ -101,10 +104,18 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_export(args) -> int:
+    from edgeveil.export.memplan import check_memory_plan
+
     from .stages import export_stage
 
+    check_memory_plan(args.memory_plan)  # bad flags fail before the run directory is read
+    if args.target is not None:
+        from edgeveil.export.targets import check_plan_target
+
+        check_plan_target(args.memory_plan, args.target)
     cfg = _run_config(args)
-    manifest = export_stage(cfg, args.run_dir, progress=not args.no_progress, target=args.target)
+    manifest = export_stage(cfg, args.run_dir, progress=not args.no_progress, target=args.target,
+                            memory_plan=args.memory_plan)
     _print_export_table(manifest)
     if "targets" in manifest:
         from edgeveil.export.targets import format_target_summary

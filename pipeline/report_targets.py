@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from edgeveil.device.files import read_json
-from edgeveil.export.targets import human_bytes
+from edgeveil.export.targets import format_plan, human_bytes
 
 __all__ = ["section_targets"]
 
@@ -51,9 +51,12 @@ def _memory(a: dict) -> list[str]:
              f"with the {arena['margin']:.0%} margin {arena['recommended_bytes']:,} B. {arena['note']}.",
              f"- Activation lower bound from tensor lifetimes: {over['lower_bound_bytes']:,} B; the planner's "
              f"activations are {over['overhead']:+.0%} above it."]
-    if over["note"]:
+    if over["note"] and not a.get("memory_plan"):
         lines.append(f"- **{over['note']}.**")
     lines.append(f"- {a['kernels']['message']}")
+    if a.get("memory_plan"):
+        plan = format_plan(a["memory_plan"], arena["arena_bytes"])
+        lines.append(f"- {plan[0].upper()}{plan[1:]}.")
     return lines
 
 

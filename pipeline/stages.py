@@ -189,34 +189,40 @@ def train_stage(cfg: Config, run_dir: Path, progress: bool = True) -> dict:
     return metrics
 
 
-def export_stage(cfg: Config, run_dir: Path, progress: bool = True, target: str | None = None) -> dict:
+def export_stage(cfg: Config, run_dir: Path, progress: bool = True, target: str | None = None,
+                 memory_plan: str = "tflm") -> dict:
     """Export the trained head; with a target board (`target`, else export.target) also write the
-    flashable files and the fit report (the manifest's "targets" section).
+    flashable files and the fit report (the manifest's "targets" section). memory_plan "offline"
+    (MCU targets) writes an offline-planned copy of the model and its C array (export.targets).
 
     With a target, a current export is reused instead of converted again: same head.pt and
     model.json, the same precisions and calibration count, every artifact's sha256 intact.
     A new export removes the C arrays of the previous one (they would describe another model).
     """
+    from edgeveil.export.memplan import check_memory_plan
     from edgeveil.export.run import export_run
 
     run_dir, e = Path(run_dir), cfg.export
     target = target or e.target
     manifest = None
+    check_memory_plan(memory_plan)
+    if target is None and memory_plan != "tflm":
+        raise ValueError(f"--memory-plan {memory_plan} needs --target BOARD (an MCU board: edgeveil list boards)")
     if target is not None:
-        from edgeveil.export.boards import get_board
-        from edgeveil.export.targets import current_manifest
+        from edgeveil.export.targets import check_plan_target, current_manifest
 
-        get_board(target)  # an unknown board fails before the long export
+        check_plan_target(memory_plan, target)  # an unknown board or plan fails before the long export
         manifest = current_manifest(run_dir, e.precisions, e.calibration_samples)
         if manifest is not None:
             log.info("%s is current: reusing it for --target %s", run_dir / "export" / "manifest.json", target)
     if manifest is None:
-        for stale in (*run_dir.glob("export/head_*.cc"), *run_dir.glob("export/head_*.h")):
+        for stale in (*run_dir.glob("export/head_*.cc"), *run_dir.glob("export/head_*.h"),
+                      *run_dir.glob("export/head_*_planned.tflite")):
             stale.unlink()
         manifest = export_run(run_dir, precisions=tuple(e.precisions), calibration_samples=e.calibration_samples,
                               parity_samples=e.parity_samples, progress=progress)
     if target is not None:
         from edgeveil.export.targets import target_report
 
-        manifest["targets"] = target_report(run_dir / "export", target, progress=progress)
+        manifest["targets"] = target_report(run_dir / "export", target, progress=progress, memory_plan=memory_plan)
     return manifest

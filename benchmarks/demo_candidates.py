@@ -18,7 +18,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 CANDIDATES = [("none", 0.0, []), ("dropout", 0.5, []), ("dropout", 0.8, []), ("nopeek", 1.0, []),
               ("siftfunnel", 2.0, []), ("noise", 0.5, []), ("noise", 0.05, []), ("noise", 0.02, []),
-              ("noise", 1.5, []), ("noise", 3.0, []), ("noise", 0.005, [])]
+              ("noise", 1.5, []), ("noise", 3.0, []), ("noise", 0.005, []),
+              # learned defenses: a float-only protection would show as "does not survive"
+              ("mid", 1.0, []), ("adversarial", 0.3, []), ("cem", 8.0, []), ("cem", 16.0, []),
+              ("infoscissors", 0.3, []), ("infoscissors", 0.8, []), ("nopeek", 4.0, [])]
 
 
 def run(name: str, strength: float, extra: list[str], runs: Path, attacks: list[str], base_overrides: list[str]):
@@ -67,7 +70,11 @@ def main(argv=None) -> int:
         print(json.dumps({k: row[k] for k in ("defense", "strength", "float_accuracy", "int8_accuracy",
                                               "outcome", "scores", "seconds")}), flush=True)
     out = REPO / "benchmarks" / "results" / "demo_candidates.json"
-    atomic_write_json(out, {"argv": sys.argv[1:], "rows": rows})
+    # rows measured before (other --only selections) are kept unless measured again here
+    done = {(r["defense"], r["strength"]) for r in rows}
+    kept = [r for r in (json.loads(out.read_text())["rows"] if out.is_file() else [])
+            if (r["defense"], r["strength"]) not in done]
+    atomic_write_json(out, {"argv": sys.argv[1:], "rows": kept + rows})
     return 0
 
 

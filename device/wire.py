@@ -44,7 +44,6 @@ import re
 import secrets
 import struct
 import time
-import uuid
 from collections import namedtuple
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
@@ -123,7 +122,8 @@ class FrameEncoder:
     """Frames for one device key, device id and model id (checked once, here; ValueError if bad).
 
     encode(features, scale=, zero_point=, request_id=, timestamp_us=) -> frame bytes, exactly what
-    `encode` makes. Not thread-safe (its caches are plain dicts); keep one per sending thread.
+    `encode` makes. Threads may share one: the HMAC template is only ever copied, and a cache entry,
+    once written, always holds the same value for its key.
     """
 
     def __init__(self, *, key: bytes, device_id: str, model_id: str):

@@ -6,6 +6,8 @@ ResNet-18 head above 10 M MACs), `edgeveil.device.bench.bench_path` times, on on
 raw (set_tensor + invoke + get_tensor on the already pre-processed input), path (HeadRunner.run on uint8
 pixels), encode (FrameEncoder.encode of its features) and whole (run + encode on one clock). Several passes,
 heads in rotated order; we quote medians of the per-pass medians and the median of the per-pass ratios.
+Beside it, in each pass, the path as it was before (device/ of commit 958cc1f, loaded from git into a
+scratch package: HeadRunner.run + wire.encode), interleaved with raw the same way.
 Goals (issue #14): path/raw <= 1.15; encode <= 15 us for a 6 KB frame; whole/raw <= 1.4 on smallcnn and
 <= 1.1 on heads of 10 M MACs or more.
 
@@ -15,9 +17,13 @@ Goals (issue #14): path/raw <= 1.15; encode <= 15 us for a 6 KB frame; whole/raw
 from __future__ import annotations
 
 import argparse
+import gc
+import importlib
 import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,6 +39,7 @@ ARCHS = ["smallcnn", "resnet18", "mobilenetv2", "vgg11_bn"]
 # A head past 10 M MACs for the 1.1x goal: ResNet-18's stem and first stage at width 0.5 (resnet18 above is 0.25).
 WIDE = ("resnet18_w0.5", latency.CIFAR10, ["model.arch=resnet18", "model.split=1", "model.width=0.5"])
 FULL, QUICK = {"passes": 3, "runs": 2000, "warmup": 100}, {"passes": 1, "runs": 300, "warmup": 20}
+BEFORE = "958cc1f"  # the last commit with the arithmetic pre-processing and the one-shot encode (issue #14)
 GOALS = {"path/raw": 1.15, "encode_us_6kb": 15.0, "whole/raw small": 1.4, "whole/raw 10M": 1.1}
 
 
@@ -61,17 +68,80 @@ def prepare(archs: list[str], runs: Path, quick: bool, wide: bool) -> list[tuple
     return heads + ([prepare_wide(runs, quick)] if wide else [])
 
 
-def measure(heads: list, s: dict) -> dict:
-    """{head: [bench_path result per pass]}; heads in a rotated order each pass."""
+def load_before(scratch: Path):
+    """edgeveil.device as of BEFORE, imported as `edgeveil_before` from `scratch` (None if git cannot)."""
+    pkg = scratch / "edgeveil_before"
+    pkg.mkdir()
+    for name in ("__init__", "runner", "wire", "interpreter", "manifest", "noise", "quant", "files"):
+        done = subprocess.run(["git", "-C", str(latency.REPO), "show", f"{BEFORE}:device/{name}.py"],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            latency.log(f"no 'before' column: git show {BEFORE}:device/{name}.py failed: {done.stderr.strip()}")
+            return None
+        (pkg / f"{name}.py").write_text(done.stdout)
+    sys.path.insert(0, str(scratch))
+    return importlib.import_module("edgeveil_before.runner"), importlib.import_module("edgeveil_before.wire")
+
+
+def time_before(before, export_dir: Path, s: dict, seed: int) -> dict:
+    """raw against the old HeadRunner.run + wire.encode, interleaved as bench_path does: p50 in us per stage."""
+    old_runner, old_wire = before
+    runner = old_runner.HeadRunner(export_dir, "int8", num_threads=1, noise_seed=seed)
+    pool = np.random.default_rng(seed).integers(0, 256, (16, 1, *runner.input_shape), dtype=np.uint8)
+    inputs = [runner.preprocess(im) for im in pool]
+    interp = runner.loaded.interpreter
+    index, out = interp.get_input_details()[0]["index"], interp.get_output_details()[0]["index"]
+    key, clock, times = old_wire.new_device_key(), time.perf_counter_ns, {"raw": [], "path": [], "whole": []}
+
+    def raw(x):
+        start = clock()
+        interp.set_tensor(index, x)
+        interp.invoke()
+        interp.get_tensor(out)
+        return clock() - start
+
+    def path(image):
+        start = clock()
+        feats = runner.run(image)
+        ran = clock()
+        old_wire.encode(feats.values, key=key, device_id="bench", model_id=runner.model_id, scale=feats.scale,
+                        zero_point=feats.zero_point)
+        return ran - start, clock() - start
+
+    for i in range(s["warmup"]):
+        raw(inputs[i % 16])
+        path(pool[i % 16])
+    gc.disable()
+    try:
+        for i in range(s["runs"]):
+            if i % 2:
+                times["raw"].append(raw(inputs[i % 16]))
+            ran, whole = path(pool[i % 16])
+            if not i % 2:
+                times["raw"].append(raw(inputs[i % 16]))
+            times["path"].append(ran)
+            times["whole"].append(whole)
+    finally:
+        gc.enable()
+    return {k: float(np.percentile(np.asarray(v) / 1e3, 50)) for k, v in times.items()}
+
+
+def measure(heads: list, s: dict, before) -> dict:
+    """{head: [bench_path result per pass]}; heads in a rotated order each pass; with `before`, each result
+    also carries "before": the old path timed right after, in the same pass."""
     samples = {name: [] for name, _, _ in heads}
     for p in range(s["passes"]):
         for name, export_dir, _ in heads[p % len(heads):] + heads[:p % len(heads)]:
             r = bench_path(export_dir, "int8", runs=s["runs"], warmup=s["warmup"], threads=1, seed=p)
+            if before is not None:
+                r["before"] = time_before(before, export_dir, s, seed=p)
             samples[name].append(r)
             st = r["stages"]
             latency.log(f"pass {p + 1}/{s['passes']} {name:13s} raw {st['raw']['p50_us']:7.1f}  path "
                         f"{st['path']['p50_us']:7.1f}  encode {st['encode']['p50_us']:5.1f}  whole "
-                        f"{st['whole']['p50_us']:7.1f} us  ({r['ratios']['path/raw']:.2f}x, {r['ratios']['whole/raw']:.2f}x)")
+                        f"{st['whole']['p50_us']:7.1f} us  ({r['ratios']['path/raw']:.2f}x, {r['ratios']['whole/raw']:.2f}x)"
+                        + (f"; before: raw {r['before']['raw']:7.1f} whole {r['before']['whole']:7.1f} us"
+                           if "before" in r else ""))
     return samples
 
 
@@ -82,7 +152,11 @@ def summarize(name: str, macs: int, results: list[dict]) -> dict:
                    "pass_p50_us": [r["stages"][st]["p50_us"] for r in results]} for st in results[0]["stages"]}
     ratios = {k: med([r["ratios"][k] for r in results]) for k in results[0]["ratios"]}
     first = results[0]
-    return {"head": name, "macs": macs, "input": first["input"], "features": first["features"],
+    before = None
+    if all("before" in r for r in results):
+        before = {k: med([r["before"][k] for r in results]) for k in ("raw", "path", "whole")}
+        before.update({f"{k}/raw": med([r["before"][k] / r["before"]["raw"] for r in results]) for k in ("path", "whole")})
+    return {"before": before, "head": name, "macs": macs, "input": first["input"], "features": first["features"],
             "frame_bytes": first["frame_bytes"], "runtime": "{name} {version}".format(**first["runtime"]),
             "xnnpack": first["xnnpack"], "iterations": [r["stages"]["raw"]["count"] for r in results],
             "stages": stages, "ratios": ratios, "pass_ratios": {k: [r["ratios"][k] for r in results] for k in ratios},
@@ -102,15 +176,17 @@ def verdicts(row: dict) -> dict:
 
 def table(rows: list[dict]) -> str:
     lines = ["| head | MACs (M) | input | features -> frame | raw p50 / p90 (us) | path p50 (us) | encode p50 (us) "
-             "| whole p50 (us) | path/raw | whole/raw | goals |", "|---" * 11 + "|"]
+             "| whole p50 (us) | path/raw | whole/raw | before: path/raw, whole/raw | goals |", "|---" * 12 + "|"]
     for r in rows:
         st, feat = r["stages"], r["features"]
         goals = ", ".join(f"{k} {'met' if ok else 'MISSED'}" for k, ok in r["verdicts"].items())
+        b = r["before"]
+        before = "-" if b is None else f"{b['path/raw']:.2f}, {b['whole/raw']:.2f} ({b['whole']:.1f} us)"
         lines.append(f"| {r['head']} | {r['macs'] / 1e6:.2f} | {'x'.join(map(str, r['input']['shape'][1:]))} "
                      f"{r['input']['dtype']} | {'x'.join(map(str, feat['shape'][1:]))} {feat['dtype']} -> "
                      f"{r['frame_bytes']} B | {st['raw']['p50_us']:.1f} / {st['raw']['p90_us']:.1f} | "
                      f"{st['path']['p50_us']:.1f} | {st['encode']['p50_us']:.1f} | {st['whole']['p50_us']:.1f} | "
-                     f"{r['ratios']['path/raw']:.2f} | {r['ratios']['whole/raw']:.2f} | {goals} |")
+                     f"{r['ratios']['path/raw']:.2f} | {r['ratios']['whole/raw']:.2f} | {before} | {goals} |")
     return "\n".join(lines)
 
 
@@ -146,7 +222,9 @@ def write_report(report: dict, rows: list[dict], path: Path) -> str:
           "iteration times raw and path back to back, alternating which goes first. Columns are medians of "
           "per-pass medians; ratios are medians of per-pass ratios of medians. Goals (issue #14): path/raw <= "
           "1.15; encode <= 15 us per 6 KB frame; whole/raw <= 1.4 on smallcnn, <= 1.1 on heads of 10 M MACs "
-          f"or more.\n\n{table(rows)}\n\nPer pass:\n\n{pass_table(rows)}\n\nNotes:\n\n"
+          "or more. The before column: the same measurement of HeadRunner.run + wire.encode as of commit "
+          f"{BEFORE} (table-free pre-processing, interpreter.run, a one-shot encode), raw timed again beside it, "
+          f"medians of per-pass ratios and of the per-pass whole p50.\n\n{table(rows)}\n\nPer pass:\n\n{pass_table(rows)}\n\nNotes:\n\n"
           + "\n".join(f"- {n}" for n in notes if n) + "\n")
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path.with_suffix(".json"), report)
@@ -166,7 +244,8 @@ def main(argv=None) -> int:
     report = {"benchmark": "device_path", "quick": args.quick, "command": command, "machine": latency.machine(),
               "settings": settings, "goals": GOALS}
     heads = prepare(["smallcnn"] if args.quick else ARCHS, args.runs, args.quick, wide=not args.quick)
-    samples = measure(heads, settings)
+    with tempfile.TemporaryDirectory(prefix="edgeveil-before-") as scratch:
+        samples = measure(heads, settings, load_before(Path(scratch)))
     rows = [summarize(name, macs, samples[name]) for name, _, macs in heads]
     for row in rows:
         row["verdicts"] = verdicts(row)

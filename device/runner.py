@@ -117,7 +117,7 @@ class HeadRunner:
         spec = self._spec
         self._hwc = self.input_shape
         self._table = pixel_table(spec["mean"], spec["std"], tensor_qparams(self._inp), spec["rounding"])
-        self._lookup = table_lookup(self._table)
+        self._lookup = table_lookup(self._table, self._hwc)
         self._out_scale, self._out_zero_point, self._out_dtype = tensor_qparams(self._out)
         self._out_shape = tuple(int(d) for d in self._out["shape"][1:])
         self._layout = self.entry.get("output_layout", "NHWC")
@@ -194,18 +194,26 @@ def pixel_table(mean: np.ndarray, std: np.ndarray, qparams: tuple, rounding: str
     return np.ascontiguousarray(normalize_pixels(pixels, mean, std, qparams, rounding).T)
 
 
-def table_lookup(table: np.ndarray):
-    """A function uint8 (N, H, W, C) -> table[c, pixel] of the same shape (possibly read-only)."""
+def table_lookup(table: np.ndarray, hwc: tuple[int, int, int]):
+    """A function uint8 (N, H, W, C) -> table[c, pixel], same shape (possibly read-only); hwc: one image's shape."""
     channels, dtype = table.shape[0], table.dtype
+    if channels != hwc[-1]:
+        raise ValueError(f"a table of {channels} channels cannot look up {hwc[-1]}-channel images")
     if channels == 1 and dtype.itemsize == 1:  # bytes.translate: one C loop, no index array
         translation = table[0].tobytes()
         return lambda images: np.frombuffer(images.tobytes().translate(translation), dtype).reshape(images.shape)
     if channels == 1:
-        row = table[0]
-        return row.take
+        return table[0].take
     flat = table.reshape(-1)  # channel c's row starts at 256 * c
-    offsets = np.arange(channels, dtype=np.uint16 if channels <= 256 else np.intp) * 256
-    return lambda images: flat.take(images + offsets)
+    # Offsets of the image's full shape: numpy then adds one contiguous run, not N*H*W runs of C.
+    offsets = np.ascontiguousarray(np.broadcast_to(np.arange(channels, dtype=np.intp) * 256, hwc))
+
+    def lookup(images: np.ndarray) -> np.ndarray:
+        index = images.astype(np.intp)
+        index += offsets
+        return flat.take(index)
+
+    return lookup
 
 
 # ------------------------------------------------------------------------------- checks
@@ -258,6 +266,8 @@ def _check_io(loaded, entry: dict, path: Path) -> tuple[dict, dict]:
 
 
 def _check_images(images, hwc: tuple[int, int, int]) -> None:
+    if isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.shape[1:] == hwc:
+        return  # the per-frame case, before any message is built
     h, w, c = hwc
     want = f"uint8 images of shape (N, {h}, {w}, {c}) (NHWC raw pixels)"
     if not isinstance(images, np.ndarray):

@@ -139,7 +139,8 @@ def measure(heads: list, s: dict, before) -> dict:
             st = r["stages"]
             latency.log(f"pass {p + 1}/{s['passes']} {name:13s} raw {st['raw']['p50_us']:7.1f}  path "
                         f"{st['path']['p50_us']:7.1f}  encode {st['encode']['p50_us']:5.1f}  whole "
-                        f"{st['whole']['p50_us']:7.1f} us  ({r['ratios']['path/raw']:.2f}x, {r['ratios']['whole/raw']:.2f}x)"
+                        f"{st['whole']['p50_us']:7.1f} us  ({r['ratios']['path/raw']:.2f}x, "
+                        f"{r['ratios']['whole/raw']:.2f}x)"
                         + (f"; before: raw {r['before']['raw']:7.1f} whole {r['before']['whole']:7.1f} us"
                            if "before" in r else ""))
     return samples
@@ -155,7 +156,8 @@ def summarize(name: str, macs: int, results: list[dict]) -> dict:
     before = None
     if all("before" in r for r in results):
         before = {k: med([r["before"][k] for r in results]) for k in ("raw", "path", "whole")}
-        before.update({f"{k}/raw": med([r["before"][k] / r["before"]["raw"] for r in results]) for k in ("path", "whole")})
+        before.update({f"{k}/raw": med([r["before"][k] / r["before"]["raw"] for r in results])
+                       for k in ("path", "whole")})
     return {"before": before, "head": name, "macs": macs, "input": first["input"], "features": first["features"],
             "frame_bytes": first["frame_bytes"], "runtime": "{name} {version}".format(**first["runtime"]),
             "xnnpack": first["xnnpack"], "iterations": [r["stages"]["raw"]["count"] for r in results],
@@ -225,7 +227,8 @@ def write_report(report: dict, rows: list[dict], path: Path) -> str:
           "1.15; encode <= 15 us per 6 KB frame; whole/raw <= 1.4 on smallcnn, <= 1.1 on heads of 10 M MACs "
           "or more. The before column: the same measurement of HeadRunner.run + wire.encode as of commit "
           f"{BEFORE} (table-free pre-processing, interpreter.run, a one-shot encode), raw timed again beside it, "
-          f"medians of per-pass ratios and of the per-pass whole p50.\n\n{table(rows)}\n\nPer pass:\n\n{pass_table(rows)}\n\nNotes:\n\n"
+          f"medians of per-pass ratios and of the per-pass whole p50.\n\n{table(rows)}\n\n"
+          f"Per pass:\n\n{pass_table(rows)}\n\nNotes:\n\n"
           + "\n".join(f"- {n}" for n in notes if n) + "\n")
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path.with_suffix(".json"), report)

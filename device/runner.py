@@ -9,8 +9,9 @@ Pre-processing repeats the export's own: x/255, (x - mean) / std per channel (fl
 an integer input, quantization with the input tensor's scale and zero point and the manifest's
 `quantization_rounding`. Every step is elementwise and a uint8 pixel has 256 values, so the runner
 applies that arithmetic once, to 0..255 for each channel, and then looks pixels up in the table:
-bit for bit the same tensor, a few microseconds per image instead of tens (`pixel_table`). Inference-time noise (manifest field `inference_noise`) is not in the
-graph: it is added here, after the head, in the quantized domain, the same way on every runtime.
+bit for bit the same tensor, a few microseconds per image instead of tens (`pixel_table`).
+Inference-time noise (manifest field `inference_noise`) is not in the graph: it is added here, after
+the head, in the quantized domain, the same way on every runtime.
 
 The noise itself (specs, kinds, clipping) lives in device/noise.py. The grid the noisy codes are
 sent on is the one export derived and wrote into the artifact's manifest entry (field `sent`),

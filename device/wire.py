@@ -162,7 +162,7 @@ class FrameEncoder:
         mac.update(payload)  # the array's own buffer: no copy
         return b"".join((head, payload, mac.digest()))
 
-    def _new_layout(self, arr: np.ndarray) -> "_Layout":
+    def _new_layout(self, arr: np.ndarray) -> _Layout:
         code = _CODES.get(arr.dtype.newbyteorder("<"))
         if code is None:
             raise ValueError(f"features dtype must be int8, uint8, int16, float16 or float32, got {arr.dtype}")

@@ -60,7 +60,7 @@ def input_variants(spec: dict) -> list[tuple]:
     low, high = float(np.min(-mean / std)), float(np.max((1 - mean) / std))
     u8_scale = (high - low) / 255
     grids = [(*spec["int8"], np.dtype(np.int8)), (None, None, np.dtype(np.float32)),
-             (max(-low, high) / 32767, 0, np.dtype(np.int16)), (u8_scale, int(round(-low / u8_scale)), np.dtype(np.uint8))]
+             (max(-low, high) / 32767, 0, np.dtype(np.int16)), (u8_scale, round(-low / u8_scale), np.dtype(np.uint8))]
     return [(g, r) for g in grids for r in ("reference", "optimized")]
 
 

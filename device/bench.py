@@ -11,6 +11,12 @@ rss_growth_mb is RSS after the timed runs minus after init (a leak shows here); 
 process's high-water mark (VmHWM), which includes whatever the process loaded before. Only a
 fresh process gives clean memory figures: `bench_export_dir(..., isolate=True)` runs each
 measurement in its own `python -m edgeveil.device.cli bench`.
+
+`bench_path` times what a device does per image beside the raw invoke, on the same interpreter, in
+interleaved iterations: raw (set_tensor + invoke + get_tensor on the pre-processed input), path
+(`HeadRunner.run` on uint8 pixels: pre-processing, invoke, the manifest's noise, Features), encode
+(`FrameEncoder.encode` of those features) and whole (path + encode, one clock). Medians and p90 in
+microseconds; ratios are medians over the raw median.
 """
 from __future__ import annotations
 
@@ -29,9 +35,12 @@ from .interpreter import RUNTIMES, Runtime, find_interpreter
 from .files import read_json, sha256_file
 from .manifest import artifact_path, read_manifest
 
-__all__ = ["SCHEMA", "bench_model", "bench_export_dir", "machine_info", "format_table"]
+__all__ = ["SCHEMA", "PATH_SCHEMA", "bench_model", "bench_export_dir", "bench_path", "machine_info",
+           "format_table", "format_path_table"]
 
 SCHEMA = "edgeveil.bench/1"
+PATH_SCHEMA = "edgeveil.bench_path/1"
+PATH_STAGES = ("raw", "path", "encode", "whole")
 _MIB = 1024.0 * 1024.0
 
 
@@ -119,6 +128,111 @@ def bench_export_dir(export_dir, *, runs: int = 100, warmup: int = 10, threads=(
             "settings": {"runs": runs, "warmup": warmup, "min_seconds": min_seconds, "threads": list(threads),
                          "xnnpack": [bool(x) for x in xnnpack], "isolated": isolate},
             "results": results, "skipped": skipped}
+
+
+def bench_path(export_dir, precision: str = "int8", *, runs: int = 1000, warmup: int = 50, threads: int | None = 1,
+               xnnpack: bool = True, runtime=None, seed: int = 0, images: int = 16) -> dict:
+    """Per-image path against raw invoke, interleaved (see the module docstring); returns a JSON-ready dict.
+
+    export_dir: an export folder (manifest.json beside the .tflite files); precision: its artifact.
+    Inputs: `images` seeded random uint8 images of the head's input shape, used in turn. Each
+    iteration times raw and the path back to back, alternating which goes first; GC paused.
+    """
+    from .runner import HeadRunner
+    from .wire import FrameEncoder, new_device_key
+
+    _check_counts(runs, warmup, 0.0)
+    if isinstance(images, bool) or not isinstance(images, int) or images < 1:
+        raise ValueError(f"images must be an int >= 1, got {images!r}")
+    runner = HeadRunner(export_dir, precision, runtime=_runtime(runtime), num_threads=threads, xnnpack=xnnpack,
+                        noise_seed=seed)
+    pool = np.random.default_rng(seed).integers(0, 256, (images, 1, *runner.input_shape), dtype=np.uint8)
+    inputs = [runner.preprocess(im) for im in pool]
+    encoder = FrameEncoder(key=new_device_key(), device_id="bench", model_id=runner.model_id)
+    raw, path = _raw_call(runner), _path_call(runner, encoder)
+    for i in range(warmup):
+        raw(inputs[i % images])
+        path(pool[i % images])
+    times = {stage: [] for stage in PATH_STAGES}
+    gc_was_on = gc.isenabled()
+    gc.disable()
+    try:
+        for i in range(runs):
+            k = i % images
+            if i % 2:
+                times["raw"].append(raw(inputs[k]))
+            spent = path(pool[k])
+            if not i % 2:
+                times["raw"].append(raw(inputs[k]))
+            for stage, ns in zip(PATH_STAGES[1:], spent):
+                times[stage].append(ns)
+    finally:
+        if gc_was_on:
+            gc.enable()
+    return _path_report(runner, encoder, pool[0], times, dict(runs=runs, warmup=warmup, threads=threads,
+                                                               xnnpack=xnnpack, seed=seed, images=images))
+
+
+def _raw_call(runner):
+    interp, index, out = runner.loaded.interpreter, runner._in_index, runner._out_index
+    set_tensor, invoke, get_tensor, clock = interp.set_tensor, interp.invoke, interp.get_tensor, time.perf_counter_ns
+
+    def raw(x) -> int:
+        start = clock()
+        set_tensor(index, x)
+        invoke()
+        get_tensor(out)
+        return clock() - start
+
+    return raw
+
+
+def _path_call(runner, encoder):
+    run, encode, clock = runner.run, encoder.encode, time.perf_counter_ns
+
+    def path(image) -> tuple[int, int, int]:
+        start = clock()
+        feats = run(image)
+        ran = clock()
+        encode(feats.values, scale=feats.scale, zero_point=feats.zero_point)
+        done = clock()
+        return ran - start, done - ran, done - start
+
+    return path
+
+
+def _path_report(runner, encoder, image, times: dict, settings: dict) -> dict:
+    stats = {}
+    for stage, ns in times.items():
+        us = np.asarray(ns, dtype=np.float64) / 1e3
+        stats[stage] = {"p50_us": _r(np.percentile(us, 50)), "p90_us": _r(np.percentile(us, 90)),
+                        "mean_us": _r(us.mean()), "min_us": _r(us.min()), "count": int(us.size)}
+    feats = runner.run(image)
+    frame = encoder.encode(feats.values, scale=feats.scale, zero_point=feats.zero_point)
+    raw = stats["raw"]["p50_us"]
+    return {"schema": PATH_SCHEMA, "model": str(runner.path), "precision": runner.precision,
+            "model_id": runner.model_id, "runtime": {"name": runner.runtime_name, "version": runner.loaded.version},
+            "xnnpack": runner.xnnpack, "num_threads": settings["threads"], "settings": settings,
+            "input": {"shape": [1, *runner.input_shape], "dtype": runner._table.dtype.name},
+            "features": {"shape": list(feats.values.shape), "dtype": feats.values.dtype.name},
+            "frame_bytes": len(frame), "noise": runner.noise_spec, "stages": stats,
+            "ratios": {f"{stage}/raw": _r(stats[stage]["p50_us"] / raw) for stage in ("path", "whole")},
+            "machine": machine_info()}
+
+
+def format_path_table(result: dict) -> str:
+    """The bench_path result as a short fixed-width table: one line per stage."""
+    what = {"raw": "raw set_tensor+invoke+get_tensor", "path": "HeadRunner.run (pixels -> features)",
+            "encode": f"FrameEncoder.encode ({result['frame_bytes']} B frame)", "whole": "run + encode"}
+    rows = [("stage", "p50_us", "p90_us", "mean_us", "x raw p50")]
+    raw = result["stages"]["raw"]["p50_us"]
+    for stage in PATH_STAGES:
+        s = result["stages"][stage]
+        rows.append((what[stage], f"{s['p50_us']:.1f}", f"{s['p90_us']:.1f}", f"{s['mean_us']:.1f}",
+                     "-" if stage in ("raw", "encode") else f"{s['p50_us'] / raw:.2f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+                     for r in rows)
 
 
 def machine_info() -> dict:

@@ -24,9 +24,15 @@ One frame carries one feature tensor from the head. Version 1, every integer lit
 A frame is exactly H + L + 32 bytes ("length"). `decode` checks, in this order and before touching the
 payload: length bounds, magic, version, every header field, payload_length and the exact length, that
 the device is known, the tag (constant time), the model id; then it copies the payload into an array.
+
+A device sending many frames keeps one `FrameEncoder` (key, device id and model id checked once; the
+HMAC key schedule, the header bytes of each feature shape and the checked quantization parameters
+cached): per frame it packs 36 bytes, hashes the header and the array's own buffer, and joins them,
+one copy of the payload. `encode` is the one-shot form, the same bytes.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
@@ -38,7 +44,6 @@ import re
 import secrets
 import struct
 import time
-import uuid
 from collections import namedtuple
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
@@ -51,7 +56,7 @@ from .files import atomic_write_json
 from .quant import dequantize
 
 __all__ = ["MAGIC", "VERSION", "MAX_ELEMENTS", "MAX_PAYLOAD", "MAX_NDIM", "MAX_DEVICE_ID", "TAG_SIZE",
-           "MIN_FRAME", "DTYPES", "Frame", "FrameError", "Header", "encode", "decode", "peek_header",
+           "MIN_FRAME", "DTYPES", "Frame", "FrameEncoder", "FrameError", "Header", "encode", "decode", "peek_header",
            "peek_device_id", "new_device_key", "read_key_file", "write_key_file"]
 
 log = logging.getLogger(__name__)
@@ -64,6 +69,9 @@ _CODES = {dt: code for code, dt in DTYPES.items()}
 _QUANTIZED = {1, 2, 3}
 
 _FIXED = struct.Struct("<4sBBBBH8s16sQdi")        # magic .. zero_point
+_LEAD = struct.Struct("<4sBBBBH8s")                # magic .. model_id: fixed for one device, model and layout
+_PER_FRAME = struct.Struct("<16sQdi")              # request_id .. zero_point
+_CACHE_LIMIT = 64                                  # layouts / quantization parameters one encoder remembers
 MIN_FRAME = _FIXED.size + 1 + 4 + 4 + 1 + TAG_SIZE  # 1-char id, one dim of one 1-byte element
 _MAX_HEADER = _FIXED.size + MAX_DEVICE_ID + 4 * MAX_NDIM + 4
 _DEVICE_ID = re.compile(rb"[A-Za-z0-9._-]{1,%d}" % MAX_DEVICE_ID)
@@ -110,31 +118,108 @@ class Frame:
         return dequantize(self.features, self.scale, self.zero_point)
 
 
+class FrameEncoder:
+    """Frames for one device key, device id and model id (checked once, here; ValueError if bad).
+
+    encode(features, scale=, zero_point=, request_id=, timestamp_us=) -> frame bytes, exactly what
+    `encode` makes. Threads may share one: the HMAC template is only ever copied, and a cache entry,
+    once written, always holds the same value for its key.
+    """
+
+    def __init__(self, *, key: bytes, device_id: str, model_id: str):
+        self._mac = hmac.new(_check_key(key), digestmod="sha256")  # the key schedule, copied per frame
+        self._dev = _device_id_bytes(device_id)
+        if not isinstance(model_id, str) or not _HEX16.fullmatch(model_id):
+            raise ValueError(f"model_id must be 16 hex digits (the head's sha256 prefix), got {model_id!r}")
+        self.device_id, self.model_id, self._mid = device_id, model_id, bytes.fromhex(model_id)
+        self._layouts: dict = {}   # (dtype, shape) -> _Layout
+        self._qparams: dict = {}   # (code, scale and zero point with their types) -> (scale, zero_point)
+
+    def encode(self, features: np.ndarray, *, scale=None, zero_point=None, request_id: bytes | None = None,
+               timestamp_us: int | None = None) -> bytes:
+        """features: int8/uint8/int16 (with scale and zero_point) or float16/float32 array -> frame bytes."""
+        arr = features if isinstance(features, np.ndarray) else np.asarray(features)
+        layout = self._layouts.get((arr.dtype, arr.shape)) or self._new_layout(arr)
+        qkey = (layout.code, type(scale), scale, type(zero_point), zero_point)
+        try:
+            qparams = self._qparams.get(qkey) or self._checked_qparams(qkey)
+        except TypeError:  # an unhashable scale or zero point (a 0-d array): check it, remember nothing
+            qparams = _encode_qparams(layout.code, scale, zero_point)
+        if request_id is None:
+            rid = _uuid4_bytes()
+        elif isinstance(request_id, (bytes, bytearray)) and len(request_id) == 16:
+            rid = bytes(request_id)
+        else:
+            raise ValueError(f"request_id must be 16 bytes, got {request_id!r}")
+        ts = time.time_ns() // 1000 if timestamp_us is None else int(timestamp_us)
+        if not 0 <= ts < 2**64:
+            raise ValueError(f"timestamp_us must be a u64, got {ts}")
+        payload = arr if arr.dtype == layout.dtype and arr.flags.c_contiguous else np.ascontiguousarray(
+            arr, dtype=layout.dtype)
+        head = b"".join((layout.lead, _PER_FRAME.pack(rid, ts, *qparams), layout.rest))
+        mac = self._mac.copy()
+        mac.update(head)
+        mac.update(payload)  # the array's own buffer: no copy
+        return b"".join((head, payload, mac.digest()))
+
+    def _new_layout(self, arr: np.ndarray) -> _Layout:
+        code = _CODES.get(arr.dtype.newbyteorder("<"))
+        if code is None:
+            raise ValueError(f"features dtype must be int8, uint8, int16, float16 or float32, got {arr.dtype}")
+        if not 1 <= arr.ndim <= MAX_NDIM or not all(1 <= d < 2**32 for d in arr.shape) or arr.nbytes >= 2**32:
+            raise ValueError(f"features must have 1..{MAX_NDIM} dims of 1..2**32-1 and < 4 GiB, got {arr.shape}")
+        flags = FLAG_QUANTIZED if code in _QUANTIZED else 0
+        lead = _LEAD.pack(MAGIC, VERSION, flags, code, arr.ndim, len(self._dev), self._mid)
+        rest = b"".join((self._dev, struct.pack(f"<{arr.ndim}I", *arr.shape), struct.pack("<I", arr.nbytes)))
+        layout = _Layout(code, DTYPES[code], lead, rest)
+        _remember(self._layouts, (arr.dtype, arr.shape), layout)
+        return layout
+
+    def _checked_qparams(self, qkey: tuple) -> tuple[float, int]:
+        code, _, scale, _, zero_point = qkey
+        qparams = _encode_qparams(code, scale, zero_point)
+        _remember(self._qparams, qkey, qparams)
+        return qparams
+
+
+class _Layout(NamedTuple):
+    code: int
+    dtype: np.dtype    # the little-endian dtype sent
+    lead: bytes        # bytes [0, 18): magic .. model_id
+    rest: bytes        # device_id, dims, payload_length
+
+
+def _remember(cache: dict, key, value) -> None:
+    if len(cache) >= _CACHE_LIMIT:
+        cache.clear()
+    cache[key] = value
+
+
+def _uuid4_bytes() -> bytes:
+    """uuid.uuid4().bytes without building a UUID object: 16 random bytes, version 4, RFC 4122 variant."""
+    rid = bytearray(os.urandom(16))
+    rid[6] = (rid[6] & 0x0F) | 0x40
+    rid[8] = (rid[8] & 0x3F) | 0x80
+    return bytes(rid)
+
+
 def encode(features: np.ndarray, *, key: bytes, device_id: str, model_id: str, scale=None,
            zero_point=None, request_id: bytes | None = None, timestamp_us: int | None = None) -> bytes:
-    """features: int8/uint8/int16 (with scale and zero_point) or float16/float32 array -> frame bytes."""
-    key = _check_key(key)
-    dev = _device_id_bytes(device_id)
-    if not isinstance(model_id, str) or not _HEX16.fullmatch(model_id):
-        raise ValueError(f"model_id must be 16 hex digits (the head's sha256 prefix), got {model_id!r}")
-    arr = np.asarray(features)
-    code = _CODES.get(arr.dtype.newbyteorder("<"))
-    if code is None:
-        raise ValueError(f"features dtype must be int8, uint8, int16, float16 or float32, got {arr.dtype}")
-    scale, zp = _encode_qparams(code, scale, zero_point)
-    if not 1 <= arr.ndim <= MAX_NDIM or not all(1 <= d < 2**32 for d in arr.shape) or arr.nbytes >= 2**32:
-        raise ValueError(f"features must have 1..{MAX_NDIM} dims of 1..2**32-1 and < 4 GiB, got {arr.shape}")
-    rid = uuid.uuid4().bytes if request_id is None else request_id
-    ts = time.time_ns() // 1000 if timestamp_us is None else int(timestamp_us)
-    if not isinstance(rid, (bytes, bytearray)) or len(rid) != 16 or not 0 <= ts < 2**64:
-        raise ValueError(f"request_id must be 16 bytes and timestamp_us a u64, got {rid!r}, {ts}")
-    payload = np.ascontiguousarray(arr, dtype=DTYPES[code]).tobytes()
-    flags = FLAG_QUANTIZED if code in _QUANTIZED else 0
-    head = _FIXED.pack(MAGIC, VERSION, flags, code, arr.ndim, len(dev), bytes.fromhex(model_id), bytes(rid),
-                       ts, scale, zp)
-    body = b"".join([head, dev, struct.pack(f"<{arr.ndim}I", *arr.shape),
-                     struct.pack("<I", len(payload)), payload])
-    return body + hmac.new(key, body, hashlib.sha256).digest()
+    """features: int8/uint8/int16 (with scale and zero_point) or float16/float32 array -> frame bytes.
+    The same bytes as `FrameEncoder(key=, device_id=, model_id=).encode(...)`; the last few encoders
+    are kept (`_recent_encoder`), so a loop calling this pays the per-device checks once."""
+    if type(key) is bytes and type(device_id) is str and type(model_id) is str:
+        encoder = _recent_encoder(key, device_id, model_id)
+    else:
+        encoder = FrameEncoder(key=key, device_id=device_id, model_id=model_id)
+    return encoder.encode(features, scale=scale, zero_point=zero_point, request_id=request_id,
+                          timestamp_us=timestamp_us)
+
+
+@functools.lru_cache(maxsize=8)
+def _recent_encoder(key: bytes, device_id: str, model_id: str) -> FrameEncoder:
+    """The encoders of the last 8 (key, device, model) triples (an invalid one raises, is not kept)."""
+    return FrameEncoder(key=key, device_id=device_id, model_id=model_id)
 
 
 def _encode_qparams(code: int, scale, zero_point) -> tuple[float, int]:

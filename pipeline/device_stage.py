@@ -64,11 +64,11 @@ def stream_stage(run_dir: Path, base_url: str, key: bytes, *, precision: str = "
     n = len(test) if limit is None else min(limit, len(test))
     runner = HeadRunner(run_dir / "export", precision)
     client = CloudClient(base_url)
+    encoder = wire.FrameEncoder(key=key, device_id=device_id, model_id=runner.model_id)
     sent, served, offline, agree_p = [], [], [], 0.0
     for i in tqdm(range(n), desc=f"device -> cloud ({precision})", unit="frame", disable=not progress):
         feats = runner.run(test.x[i:i + 1])
-        frame = wire.encode(feats.values, key=key, device_id=device_id, model_id=runner.model_id,
-                            scale=feats.scale, zero_point=feats.zero_point)
+        frame = encoder.encode(feats.values, scale=feats.scale, zero_point=feats.zero_point)
         reply = client.infer(frame)
         cls, probs = _offline_classes(run, feats.to_nchw())
         served.append(reply["class"])

@@ -243,3 +243,21 @@ def test_attacks_quick(tmp_path):
         assert words in md, words
     for png in ("attacks_quick.png", "attacks_mnist_quick.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_device_path_quick(shared_data, tmp_path):
+    """--quick trains smallcnn briefly and times raw, the path, its 'before' (git) and the encode, side by side."""
+    out = tmp_path / "results"
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "device_path.py"), "--quick",
+                           "--runs", str(tmp_path / "runs"), "--out", str(out)],
+                          capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-5000:]
+    assert "pass 1/1 smallcnn" in done.stderr and "| head | MACs (M) |" in done.stdout
+    report = json.loads((out / "device_path_quick.json").read_text())
+    (row,) = report["results"]
+    assert row["head"] == "smallcnn" and row["iterations"] == [300] and row["frame_bytes"] == 6383
+    assert all(row["stages"][s]["p50_us"] > 0 for s in ("raw", "path", "encode", "whole"))
+    assert row["stages"]["whole"]["p50_us"] > row["stages"]["path"]["p50_us"] > row["stages"]["raw"]["p50_us"] * 0.9
+    assert row["before"] is not None and row["before"]["whole"] > 0  # the 958cc1f path, loaded from git
+    assert set(row["verdicts"]) == {"path/raw", "whole/raw <= 1.4", "encode <= 15 us"}

@@ -157,3 +157,54 @@ def test_cli_entry_point_has_no_traceback_on_error(tmp_path):
     assert "Traceback" not in done.stderr
     usage = subprocess.run([*cmd, "bench"], capture_output=True, text=True)
     assert usage.returncode == 2 and "MODEL.tflite" in usage.stderr
+
+
+# ------------------------------------------------------------------------------- the per-image path
+
+
+def test_bench_path_times_raw_and_the_path_side_by_side():
+    from edgeveil.device.bench import bench_path, format_path_table
+
+    r = bench_path(FIXTURE, "int8", runs=40, warmup=2)
+    stages = r["stages"]
+    assert set(stages) == {"raw", "path", "encode", "whole"} and all(s["count"] == 40 for s in stages.values())
+    assert all(0 < s["min_us"] <= s["p50_us"] <= s["p90_us"] for s in stages.values())
+    assert r["ratios"]["whole/raw"] == pytest.approx(stages["whole"]["p50_us"] / stages["raw"]["p50_us"], abs=1e-3)
+    # whole is run + encode on one clock, so its median sits between the larger part and the sum
+    assert stages["whole"]["p50_us"] >= stages["path"]["min_us"]
+    assert r["frame_bytes"] == 54 + len("bench") + 4 * 4 + 4 + 8 * 8 * 8 + 32  # int8 (1, 8, 8, 8) features
+    assert r["features"] == {"shape": [1, 8, 8, 8], "dtype": "int8"} and r["input"]["dtype"] == "int8"
+    assert r["xnnpack"] is True and r["num_threads"] == 1 and r["schema"] == "edgeveil.bench_path/1"
+    table = format_path_table(r)
+    assert table.count("\n") == 4 and "HeadRunner.run" in table and f"{r['frame_bytes']} B frame" in table
+    json.dumps(r, allow_nan=False)
+
+
+def test_bench_path_refuses_bad_counts():
+    from edgeveil.device.bench import bench_path
+
+    with pytest.raises(ValueError, match="runs must be an int >= 1"):
+        bench_path(FIXTURE, runs=0)
+    with pytest.raises(ValueError, match="images must be an int >= 1"):
+        bench_path(FIXTURE, images=0)
+
+
+def test_cli_path_by_model_file_or_folder(tmp_path, capsys):
+    out = tmp_path / "path.json"
+    assert cli.main(["bench", str(INT8), "--path", "--runs", "10", "--warmup", "1", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "raw set_tensor+invoke+get_tensor" in printed and "path/raw" in printed and f"wrote {out}" in printed
+    result = json.loads(out.read_text())
+    assert result["precision"] == "int8" and result["stages"]["raw"]["count"] == 10
+    assert cli.main(["bench", str(FIXTURE), "--path", "--precision", "fp32", "--runs", "5", "--quiet",
+                     "--json", str(out)]) == 0
+    assert capsys.readouterr().out == "" and json.loads(out.read_text())["features"]["dtype"] == "float32"
+
+
+def test_cli_path_needs_the_manifest(tmp_path, capsys):
+    lone = tmp_path / "head_int8.tflite"
+    shutil.copy(INT8, lone)
+    assert cli.main(["bench", str(lone), "--path", "--runs", "3"]) == 1
+    assert "no manifest.json in" in capsys.readouterr().err
+    assert cli.main(["bench", str(INT8), "--path", "--precision", "fp32", "--runs", "3"]) == 1
+    assert "disagrees with head_int8.tflite" in capsys.readouterr().err

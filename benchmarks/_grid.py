@@ -100,3 +100,23 @@ def announce(config: Path, out: Path) -> str:
     rel = config.relative_to(REPO)
     return (f"the sweep {rel} into {out} (on a cluster: edgeveil sweep --config {rel} --out DIR "
             "--address HOST:PORT, then this script with --tables-only)")
+
+
+def add_sweep_arguments(ap, runs: Path) -> None:
+    """The options every sweep-run benchmark takes: where, on which Ray, and tables only."""
+    ap.add_argument("--address", help="a running Ray cluster (host:port); default: a local Ray, stopped at the end")
+    ap.add_argument("--max-parallel", type=int, help="at most this many cells at once (default: what the CPUs allow)")
+    ap.add_argument("--tables-only", action="store_true", help="only the tables, from sweeps already run into "
+                    "--runs/<dataset> (by this script or `edgeveil sweep`)")
+    ap.add_argument("--runs", type=Path, default=runs, help="one sweep folder per dataset under it")
+
+
+def sweep_plan(ds: str, config: Path, out: Path, args, extra_set: list[str] = (),
+               only: list[str] | None = None) -> dict:
+    """sweep.json of dataset `ds`'s sweep in `out`: read with --tables-only (SystemExit naming a missing
+    or unfinished one), else run (resumed) with `extra_set` and `only` applied to the sweep file."""
+    if args.tables_only:
+        return read_plan(out)
+    print(f"== {ds}: {announce(config, out)}", flush=True)
+    spec = derive(config, extra_set, only)
+    return run_grid(config, out, spec, address=args.address, max_parallel=args.max_parallel)

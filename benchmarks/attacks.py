@@ -74,12 +74,7 @@ def sweep_records(datasets: list[str], runs: Path, args) -> tuple[list[dict], di
     """Run (or, with --tables-only, read) each dataset's sweep; its finished cells, and the failed ones."""
     records, failed = [], {}
     for ds in datasets:
-        if args.tables_only:
-            plan = _grid.read_plan(runs / ds)  # a missing or unfinished sweep: SystemExit naming it
-        else:
-            print(f"== {ds}: {_grid.announce(DATASETS[ds], runs / ds)}", flush=True)
-            spec = _grid.derive(DATASETS[ds], QUICK if args.quick else [])
-            plan = _grid.run_grid(DATASETS[ds], runs / ds, spec, address=args.address, max_parallel=args.max_parallel)
+        plan = _grid.sweep_plan(ds, DATASETS[ds], runs / ds, args, QUICK if args.quick else [])
         records += [record(ds, cell) for cell in _grid.done_cells(plan)]
         failed.update(_grid.failed_cells(plan))
     return records, failed
@@ -273,12 +268,7 @@ def main(argv=None) -> int:
     ap.add_argument("--datasets", default="mnist", help="comma-separated: mnist, cifar10 (benchmarks/configs/"
                     "attacks_<dataset>.yaml; cifar10 trains cifar10.py's real-accuracy victims: a cluster's job)")
     ap.add_argument("--quick", action="store_true", help="tiny budgets: checks the script, not the numbers")
-    ap.add_argument("--address", help="a running Ray cluster (host:port); default: a local Ray, stopped at the end")
-    ap.add_argument("--max-parallel", type=int, help="at most this many cells at once (default: what the CPUs allow)")
-    ap.add_argument("--tables-only", action="store_true", help="only the tables, from sweeps already run into "
-                    "--runs/<dataset> (by this script or `edgeveil sweep`)")
-    ap.add_argument("--runs", type=Path, default=REPO / "benchmarks" / "runs" / "attacks",
-                    help="one sweep folder per dataset under it")
+    _grid.add_sweep_arguments(ap, REPO / "benchmarks" / "runs" / "attacks")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     ap.add_argument("--note", help="how the results were produced (processes, threads, load), printed on top")
     args = ap.parse_args(argv)

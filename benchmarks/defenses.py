@@ -239,12 +239,7 @@ def sweep_rows(datasets: list[str], runs: Path, quick: bool, only: list[str] | N
     failed cells with their errors."""
     rows, failed = [], {}
     for ds in datasets:
-        if args.tables_only:
-            plan = _grid.read_plan(runs / ds)  # a missing or unfinished sweep: SystemExit naming it
-        else:
-            print(f"== {ds}: {_grid.announce(DATASETS[ds], runs / ds)}", flush=True)
-            spec = _grid.derive(DATASETS[ds], QUICK if quick else [], only)
-            plan = _grid.run_grid(DATASETS[ds], runs / ds, spec, address=args.address, max_parallel=args.max_parallel)
+        plan = _grid.sweep_plan(ds, DATASETS[ds], runs / ds, args, QUICK if quick else [], only)
         rows += [row(ds, cell) for cell in _grid.done_cells(plan)]
         failed.update(_grid.failed_cells(plan))
     return rows, failed
@@ -307,12 +302,7 @@ def main(argv=None) -> int:
                     "defenses_<dataset>.yaml; cifar10 is real-accuracy training: a cluster's job)")
     ap.add_argument("--only", help="comma-separated defenses (default: all); none always runs")
     ap.add_argument("--quick", action="store_true", help="tiny budget: checks the script, not the numbers")
-    ap.add_argument("--address", help="a running Ray cluster (host:port); default: a local Ray, stopped at the end")
-    ap.add_argument("--max-parallel", type=int, help="at most this many cells at once (default: what the CPUs allow)")
-    ap.add_argument("--tables-only", action="store_true", help="only the tables, from sweeps already run into "
-                    "--runs/<dataset> (by this script or `edgeveil sweep`)")
-    ap.add_argument("--runs", type=Path, default=REPO / "benchmarks" / "runs" / "defenses",
-                    help="one sweep folder per dataset under it")
+    _grid.add_sweep_arguments(ap, REPO / "benchmarks" / "runs" / "defenses")
     ap.add_argument("--threads", type=int, help="torch threads of the interleaved timing (default: torch's choice)")
     ap.add_argument("--timing-steps", type=int, default=30, help="training steps per interleaved timing round")
     ap.add_argument("--timing-repeats", type=int, default=3)

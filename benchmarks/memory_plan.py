@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -52,10 +50,10 @@ def build(out: Path) -> list[Path]:
 
 
 def machine() -> dict:
-    import tflite_micro
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import targets
 
-    return {"python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(), "tflite_micro": tflite_micro.__version__, "host_bits": 64 if sys.maxsize > 2**32 else 32}
+    return {**targets.machine(), "host_bits": 64 if sys.maxsize > 2**32 else 32}
 
 
 def head_row(run_dir: Path, scratch: Path) -> dict:
@@ -68,11 +66,12 @@ def head_row(run_dir: Path, scratch: Path) -> dict:
     export_dir = run_dir / "export"
     path = artifact_path(export_dir / "manifest.json", "int8", read_manifest(export_dir / "manifest.json"))
     started = time.perf_counter()
-    graph = summarize(read_graph(path))
+    raw = read_graph(path)
+    graph = summarize(raw)
     inputs = _test_inputs(export_dir, "int8", SAMPLES)
     own = measure_arena(path, inputs=inputs)
     plan = offline_plan(path, scratch / f"{run_dir.name}_planned.tflite", inputs, graph)
-    peak = activation_lower_bound(read_graph(path))
+    peak = activation_lower_bound(raw)
     return {"run": str(run_dir), "arch": info["arch"], "width": info["width"], "split": info["split"],
             "defense": info["defense"], "input": info["input"]["shape"], "features": info["feature_shape"],
             "ops": [op for op in graph["by_type"]], "peak_at": {"op_index": peak["op_index"], "op": peak["op"],

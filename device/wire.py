@@ -32,7 +32,6 @@ one copy of the payload. `encode` is the one-shot form, the same bytes.
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import hmac
 import json
@@ -206,20 +205,10 @@ def _uuid4_bytes() -> bytes:
 def encode(features: np.ndarray, *, key: bytes, device_id: str, model_id: str, scale=None,
            zero_point=None, request_id: bytes | None = None, timestamp_us: int | None = None) -> bytes:
     """features: int8/uint8/int16 (with scale and zero_point) or float16/float32 array -> frame bytes.
-    The same bytes as `FrameEncoder(key=, device_id=, model_id=).encode(...)`; the last few encoders
-    are kept (`_recent_encoder`), so a loop calling this pays the per-device checks once."""
-    if type(key) is bytes and type(device_id) is str and type(model_id) is str:
-        encoder = _recent_encoder(key, device_id, model_id)
-    else:
-        encoder = FrameEncoder(key=key, device_id=device_id, model_id=model_id)
-    return encoder.encode(features, scale=scale, zero_point=zero_point, request_id=request_id,
-                          timestamp_us=timestamp_us)
-
-
-@functools.lru_cache(maxsize=8)
-def _recent_encoder(key: bytes, device_id: str, model_id: str) -> FrameEncoder:
-    """The encoders of the last 8 (key, device, model) triples (an invalid one raises, is not kept)."""
-    return FrameEncoder(key=key, device_id=device_id, model_id=model_id)
+    One frame: the same bytes as `FrameEncoder(key=, device_id=, model_id=).encode(...)`; a device
+    sending many keeps one FrameEncoder instead (pipeline.device_stage does)."""
+    return FrameEncoder(key=key, device_id=device_id, model_id=model_id).encode(
+        features, scale=scale, zero_point=zero_point, request_id=request_id, timestamp_us=timestamp_us)
 
 
 def _encode_qparams(code: int, scale, zero_point) -> tuple[float, int]:

@@ -261,3 +261,50 @@ def test_device_path_quick(shared_data, tmp_path):
     assert row["stages"]["whole"]["p50_us"] > row["stages"]["path"]["p50_us"] > row["stages"]["raw"]["p50_us"] * 0.9
     assert row["before"] is not None and row["before"]["whole"] > 0  # the 958cc1f path, loaded from git
     assert set(row["verdicts"]) == {"path/raw", "whole/raw <= 1.4", "encode <= 15 us"}
+
+
+def _cifar10_module(monkeypatch):
+    """benchmarks/cifar10.py imported with its environment change undone after the test."""
+    monkeypatch.setenv("EDGEVEIL_CACHE", str(REPO / "benchmarks" / "state" / "cache"))
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import importlib
+
+    return importlib.import_module("cifar10")
+
+
+STATE_CIFAR10 = REPO / "benchmarks" / "state" / "cifar10"
+
+
+@pytest.mark.skipif(not (STATE_CIFAR10 / "none" / "cloud" / "attacks.json").is_file(),
+                    reason="the committed CIFAR-10 state has no finished undefended run")
+def test_cifar10_tables_are_rebuilt_from_the_finished_runs(tmp_path):
+    out = tmp_path / "results"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "cifar10.py"), "--tables-only", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    md, records = (out / "cifar10.md").read_text(), json.loads((out / "cifar10.json").read_text())
+    finished = [m for m in ("none", "infoscissors", "siftfunnel", "cem")
+                if (STATE_CIFAR10 / m / "cloud" / "attacks.json").is_file()]
+    assert [r["model"] for r in records] == finished
+    none = json.loads((STATE_CIFAR10 / "none" / "cloud" / "attacks.json").read_text())
+    ssim = none["attacks"]["inverse"]["precisions"]["int8"]["summary"]["ssim"]["mean"]
+    assert "| none 0 |" in md and f"| inverse | int8 | {ssim:.3f} |" in md
+    for model in finished[1:]:
+        assert f"- **{model} " in md.split("## The papers' claim")[1], model  # a claim line per defended model
+    assert "| gap (points) |" in md and (out / "cifar10_none_inverse.png").is_file()
+
+
+def test_the_papers_claim_needs_a_50_percent_cut_within_3_points_under_the_proven_attack(monkeypatch):
+    cifar10 = _cifar10_module(monkeypatch)
+
+    def rec(model, acc, ssim, proven=True):
+        summary = {"ssim": {"mean": ssim}}
+        return {"model": model, "strength": 1.0, "float_accuracy": acc, "int8_accuracy": acc,
+                "attacks": {"inverse": {"precisions": {"int8": {"summary": summary}}}},
+                "verdict": {"power": {"by_attack": {"inverse": {"int8": {"proven": proven}}}}}}
+
+    none = rec("none", 0.90, 0.90)
+    assert "reaches the papers' claim" in cifar10.paper_claim(rec("d", 0.88, 0.40), none)
+    assert "does not reach" in cifar10.paper_claim(rec("d", 0.88, 0.50), none)  # 44% cut
+    assert "more than 3" in cifar10.paper_claim(rec("d", 0.86, 0.10), none)  # 4 points
+    assert "no reconstruction attack proved" in cifar10.paper_claim(rec("d", 0.88, 0.1, proven=False), none)

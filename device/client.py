@@ -122,8 +122,11 @@ class CloudClient:
             if resp.length is not None and resp.length > MAX_RESPONSE:
                 raise CloudError(f"{method} {path}: reply of {resp.length} bytes exceeds {MAX_RESPONSE}",
                                  status=resp.status, attempts=attempt)
+            declared = resp.length
             data = resp.read(MAX_RESPONSE + 1)
-        except (OSError, http.client.HTTPException) as e:  # refused, reset, timeout, bad status line
+            if declared is not None and len(data) < declared:  # read(amt) returns what came, no error
+                raise http.client.IncompleteRead(data, declared - len(data))
+        except (OSError, http.client.HTTPException) as e:  # refused, reset, timeout, cut short, bad status line
             raise _Retryable(f"{type(e).__name__}: {e}") from e
         finally:
             conn.close()

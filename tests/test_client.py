@@ -172,6 +172,19 @@ def test_oversized_and_malformed_replies_are_refused(server):
             CloudClient(server.url, **FAST).health()
 
 
+def test_a_reply_cut_short_is_retried_not_parsed(server):
+    """A server killed while it writes its reply leaves fewer bytes than its Content-Length: that
+    attempt failed (the same request id is sent again and the server answers it as a retry)."""
+    server.behave = lambda h, n: (200, b'{"label": ', {"Content-Length": "40"}) if n == 1 else (200, {"label": 3}, {})
+    frame = _frame()
+    assert CloudClient(server.url, **FAST).infer(frame) == {"label": 3}
+    assert [r[3] for r in server.requests] == [frame, frame]
+    server.behave = lambda h, n: (200, b"", {"Content-Length": "40"})
+    with pytest.raises(CloudError, match="IncompleteRead") as info:
+        CloudClient(server.url, **FAST).health()
+    assert info.value.attempts == FAST["retries"]
+
+
 def test_backoff_grows_with_jitter_and_is_capped():
     c = CloudClient("http://127.0.0.1:1", backoff=0.1, max_backoff=1.0)
     for failures, base in [(1, 0.1), (2, 0.2), (3, 0.4), (4, 0.8), (5, 1.0), (9, 1.0)]:

@@ -6,7 +6,8 @@ finished, holds at most `max_parallel` cells in flight, and submits a defended c
 after its baseline's attack finished (the verdict reads it). A stage already finished (by an earlier
 run of the same command) is skipped; an interrupted one resumes through the stage's own resume. A
 stage that fails is retried once by Ray, whether it raised or its worker died; then its cell is
-recorded as failed with the error, and the other cells go on.
+recorded as failed with the error, and the other cells go on. Ctrl-C (SIGINT to the driver) stops
+the running stages, records the sweep as interrupted, and shuts a local Ray down.
 
 Without an address a local Ray starts on 127.0.0.1 and is shut down at the end; with one, the
 sweep joins that cluster (the sweep folder must be on a file system every node sees).
@@ -18,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -28,6 +30,7 @@ __all__ = ["run_sweep", "SweepError"]
 log = logging.getLogger(__name__)
 BENCH_RUNS = 50          # timed runs per setting in a sweep's bench stage (one thread, XNNPACK on and off)
 EVENTS = "sweep_events.jsonl"
+WAIT_SLICE = 0.5         # seconds the driver blocks in ray.wait before it checks for Ctrl-C
 
 
 def _event(out: Path, **fields) -> None:
@@ -197,7 +200,9 @@ class _Driver:
                 if self.waiting and not self.queue:  # cannot happen: a baseline always precedes its cells
                     raise RuntimeError(f"cells wait on baselines that never ran: {self.waiting}")
                 continue
-            ready, _ = self.ray.wait(list(self.active), num_returns=1)
+            ready: list = []
+            while not ready:  # in slices: a blocking wait would hold Ctrl-C until the stage ends
+                ready, _ = self.ray.wait(list(self.active), num_returns=1, timeout=WAIT_SLICE)
             name, stage = self.active.pop(ready[0])
             try:
                 result = self.ray.get(ready[0])
@@ -210,6 +215,12 @@ class _Driver:
             self._submit(self.cells[name], self.sweep.stages.index(stage) + 1)
             self._postfix()
         return self.state
+
+    def cancel(self) -> list[str]:
+        """Stop every running stage (its worker is killed; the stage resumes on the next run)."""
+        for ref in self.active:
+            self.ray.cancel(ref, force=True)
+        return sorted(f"{name}:{stage}" for name, stage in self.active.values())
 
     def _postfix(self) -> None:
         done = sum(s["status"] == "done" for s in self.state.values())
@@ -255,7 +266,16 @@ def run_sweep(sweep_path, out, *, address: str | None = None, max_parallel: int 
         parallel = min(max_parallel or slots, slots, len(sweep.cells))
         with tqdm(total=len(sweep.cells) * len(sweep.stages), unit="stage", desc="sweep", disable=not progress,
                   dynamic_ncols=True) as bar:
-            state = _Driver(sweep, parallel, bar).run()
+            driver = _Driver(sweep, parallel, bar)
+            try:
+                state = driver.run()
+            except KeyboardInterrupt:
+                stopped = driver.cancel()
+                atomic_write_json(sweep.out / "sweep.json", {**record, "status": "interrupted", "stopped": stopped,
+                                                             "cells_state": driver.state})
+                print(f"sweep interrupted; stopped {', '.join(stopped) or 'nothing'}. Rerun the same command to "
+                      "resume: finished stages are skipped.", file=sys.stderr)
+                raise
     finally:
         if local:
             import ray

@@ -221,6 +221,42 @@ def test_a_worker_killed_mid_task_is_retried_and_the_sweep_completes(tmp_path):
     assert (out / "digits-smallcnn-none" / "cloud" / "attacks.json").is_file()
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_running_stage_records_it_and_a_rerun_resumes(tmp_path):
+    path, out = _sweep_file(tmp_path, {"defenses": {"none": [0]}}, ["attack.inverse.epochs=10"]), tmp_path / "out"
+    sweep = subprocess.Popen([sys.executable, "-m", "edgeveil.pipeline.cli", "--no-progress", "sweep", "--config",
+                              str(path), "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    victim, deadline = None, time.monotonic() + 900
+    while victim is None and time.monotonic() < deadline and sweep.poll() is None:
+        victim = next((e for e in _events(out) if e["stage"] == "attack" and e["event"] == "start"), None)
+        time.sleep(0.2)
+    assert victim is not None, "the attack stage never started"
+    time.sleep(2)
+    sweep.send_signal(signal.SIGINT)  # the driver alone, as a job scheduler or `kill -INT` sends it
+    interrupted = time.monotonic()
+    _, stderr = sweep.communicate(timeout=120)
+    assert sweep.returncode == 130 and "interrupted" in stderr, stderr[-3000:]
+    assert time.monotonic() - interrupted < 60
+    record = json.loads((out / "sweep.json").read_text())
+    assert record["status"] == "interrupted" and record["stopped"] == ["digits-smallcnn-none:attack"]
+    deadline = time.monotonic() + 30
+    while _pid_alive(victim["pid"]) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _pid_alive(victim["pid"]), "the attack's worker outlived the sweep"
+    again = _cli("sweep", "--config", str(path), "--out", str(out))
+    assert again.returncode == 0, again.stderr[-3000:]
+    stages = json.loads((out / "sweep.json").read_text())["cells_state"]["digits-smallcnn-none"]["stages"]
+    assert stages["train"]["status"] == "finished earlier" and stages["attack"]["status"] == "done"
+
+
 @pytest.mark.slow
 def test_a_failing_cell_is_retried_once_recorded_and_the_others_finish(tmp_path):
     path, out = _sweep_file(tmp_path, {"defenses": {"none": [0], "noise": [1.5]}}), tmp_path / "out"

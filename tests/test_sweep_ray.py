@@ -197,9 +197,9 @@ def test_the_same_grid_runs_on_a_cluster_started_with_ray_start(tmp_path, ray_he
     assert f"Ray {ray_head}" in done.stdout
 
 
-@pytest.mark.slow
-def test_a_worker_killed_mid_task_is_retried_and_the_sweep_completes(tmp_path):
-    # a longer attack, so that it is still running when its worker is killed
+def _sweep_in_its_attack(tmp_path):
+    """A one-cell sweep started in a subprocess, returned 2 s into its attack stage (a longer attack,
+    so that it is still running then): (process, sweep file, out folder, the attack's start event)."""
     path, out = _sweep_file(tmp_path, {"defenses": {"none": [0]}}, ["attack.inverse.epochs=10"]), tmp_path / "out"
     sweep = subprocess.Popen([sys.executable, "-m", "edgeveil.pipeline.cli", "--no-progress", "sweep", "--config",
                               str(path), "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -209,6 +209,12 @@ def test_a_worker_killed_mid_task_is_retried_and_the_sweep_completes(tmp_path):
         time.sleep(0.2)
     assert victim is not None, "the attack stage never started"
     time.sleep(2)
+    return sweep, path, out, victim
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_task_is_retried_and_the_sweep_completes(tmp_path):
+    sweep, path, out, victim = _sweep_in_its_attack(tmp_path)
     assert not any(e["stage"] == "attack" and e["event"] == "end" for e in _events(out)), "attack ended before the kill"
     os.kill(victim["pid"], signal.SIGKILL)
     stdout, stderr = sweep.communicate(timeout=1500)
@@ -231,15 +237,7 @@ def _pid_alive(pid: int) -> bool:
 
 @pytest.mark.slow
 def test_ctrl_c_stops_the_running_stage_records_it_and_a_rerun_resumes(tmp_path):
-    path, out = _sweep_file(tmp_path, {"defenses": {"none": [0]}}, ["attack.inverse.epochs=10"]), tmp_path / "out"
-    sweep = subprocess.Popen([sys.executable, "-m", "edgeveil.pipeline.cli", "--no-progress", "sweep", "--config",
-                              str(path), "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    victim, deadline = None, time.monotonic() + 900
-    while victim is None and time.monotonic() < deadline and sweep.poll() is None:
-        victim = next((e for e in _events(out) if e["stage"] == "attack" and e["event"] == "start"), None)
-        time.sleep(0.2)
-    assert victim is not None, "the attack stage never started"
-    time.sleep(2)
+    sweep, path, out, victim = _sweep_in_its_attack(tmp_path)
     sweep.send_signal(signal.SIGINT)  # the driver alone, as a job scheduler or `kill -INT` sends it
     interrupted = time.monotonic()
     _, stderr = sweep.communicate(timeout=120)

@@ -15,7 +15,9 @@ counted.
 Two questions per attack, metric and precision:
 * compression: does the int8 (or fp16) artifact leak more than the float head on the same images?
   d = mean(int8 - float), paired per image, 95% bootstrap interval. holds when the interval's upper
-  end is within the tolerance; fails when the mean is beyond it; uncertain otherwise.
+  end is within the tolerance; fails when its lower end is beyond it (a mean past the tolerance with
+  an interval reaching back to it is noise, not evidence: it cannot decide "does not survive");
+  uncertain otherwise.
 * defense: does the defense beat no defense at this precision? d = defended - undefended (paired
   when both runs attacked the same images). holds when the whole interval is below minus the
   tolerance; fails otherwise. Binding for SSIM and completion accuracy (DEFENSE_METRICS); PSNR and
@@ -173,7 +175,7 @@ def _compression(name: str, entry: dict, metric: str, tol: dict) -> list[dict]:
         if d is None:
             continue
         mean, lo, hi = d
-        outcome = "holds" if hi <= t else "fails" if mean > t else "uncertain"
+        outcome = "holds" if hi <= t else "fails" if lo > t else "uncertain"
         out.append({"attack": name, "metric": metric, "kind": "compression", "precision": prec,
                     "difference": {"mean": mean, "ci95": [lo, hi], "of": f"{prec} - float"},
                     "tolerance": t, "outcome": outcome})

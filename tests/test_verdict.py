@@ -59,6 +59,10 @@ def test_int8_leaking_within_tolerance_holds_and_beyond_it_fails():
     assert "int8 leaks more than float" in v["headline"]
     v = verdict(_attacks(BASE, BASE + 0.015 + RNG.normal(0, 0.08, 300)), {"ssim": 0.02})
     assert _checks(v, "compression")["int8"]["outcome"] == "uncertain"  # mean within, interval past it
+    v = verdict(_attacks(BASE, BASE + 0.03 + np.resize([0.2, -0.2], 300)), {"ssim": 0.02})  # mean 0.03 exactly
+    c = _checks(v, "compression")["int8"]
+    assert c["difference"]["mean"] > 0.02 and c["difference"]["ci95"][0] < 0.02
+    assert c["outcome"] == "uncertain"  # mean past the tolerance, interval reaching back: not evidence
 
 
 def test_attack_power_is_identification_against_the_evaluator_on_originals():

@@ -34,6 +34,7 @@ __all__ = ["export_run"]
 
 log = logging.getLogger(__name__)
 _CHUNK = 64  # images per interpreter call batch (progress granularity)
+ACCURACY_LOSS_WARNING = 0.03  # an artifact costing the tail more accuracy than this is flagged (manifest, report)
 _TORCH_BATCH = 256
 _TOOLS = {"python": (), "numpy": ("numpy",), "torch": ("torch",), "onnx": ("onnx",), "onnx2tf": ("onnx2tf",),
           "onnxsim": ("onnxsim",), "tensorflow": ("tensorflow", "tensorflow-cpu"),
@@ -192,6 +193,10 @@ def _evaluate(runtime, precision: str, path: Path, test: _TestSet, progress: boo
     sent = _sent_grid(out, test.noise)
     deployed, _ = match_layout(_runtime_noise(raw, out, sent, test), test.ref.shape[1:])
     accuracy = _tail_accuracy(test.tail, deployed, test.y)
+    zero_share = _zero_point_share(raw, out)
+    warning = accuracy_warning(precision, test.float_accuracy, accuracy, zero_share, tensor_qparams(out)[0])
+    if warning:
+        log.warning(warning)
     n = test.n_parity
     return artifact_entry(
         file=path.name, precision=precision, sha256=sha256_file(path), bytes=path.stat().st_size,
@@ -200,10 +205,23 @@ def _evaluate(runtime, precision: str, path: Path, test: _TestSet, progress: boo
         parity=parity(test.ref[:n], features[:n], tensor_qparams(out)[0], quantized_range(out)),
         tail_accuracy=accuracy, float_accuracy=test.float_accuracy,
         **({"tail_accuracy_without_noise": _tail_accuracy(test.tail, features, test.y)} if test.noise else {}),
-        zero_point_share=_zero_point_share(raw, out),
+        zero_point_share=zero_share, **({"warnings": [warning]} if warning else {}),
         interpreter={"name": model.runtime, "version": model.version, "resolver": model.resolver,
                      "xnnpack": model.xnnpack},
         **({"xnnpack_safe": False, "tiny_scales": tiny} if tiny else {}))
+
+
+def accuracy_warning(precision: str, float_accuracy: float | None, accuracy: float, zero_point_share: float | None,
+                     step: float | None) -> str | None:
+    """A warning when an artifact's features cost the tail more than ACCURACY_LOSS_WARNING of accuracy;
+    None otherwise. The verdict judges privacy only: a head that rounds its features away looks private."""
+    if float_accuracy is None or float_accuracy - accuracy <= ACCURACY_LOSS_WARNING:
+        return None
+    where = (f"; {100 * zero_point_share:.1f}% of its output codes sit at the zero point" if zero_point_share is not None
+             else "") + (f" (output step {step:.3g})" if step else "")
+    return (f"{precision}: the tail's accuracy on these features is {accuracy:.3f} against {float_accuracy:.3f} in float, "
+            f"{100 * (float_accuracy - accuracy):.1f} points lost{where}. Privacy measured on this artifact partly "
+            "comes from that loss.")
 
 
 def _sent_grid(detail: dict, noise: dict | None) -> dict:

@@ -71,7 +71,8 @@ def _section_export(run: Path) -> list[str]:
             f"{m['calibration']['split']}; parity on {m['evaluation']['parity_samples']} held-out test images "
             "(steps = output quantization steps); accuracy = the tail fed each artifact's dequantized features.", "",
             _table(["precision", "bytes", "float acc", "tail acc", "cosine", "max abs err", "mean steps",
-                    "max steps", "operators"], rows)]
+                    "max steps", "operators"], rows),
+            *[f"\n**Warning:** {w}" for a in m["artifacts"].values() for w in a.get("warnings", [])]]
 
 
 def _xnn(row: dict) -> str:

@@ -697,3 +697,22 @@ def test_export_run_refuses_a_damaged_run(exported, tmp_path, damage, error, nam
     with pytest.raises(error, match=name):
         export_run(run_dir, progress=False)
     assert not (run_dir / "export").exists()
+
+
+def test_an_artifact_that_costs_the_tail_accuracy_is_flagged_in_the_manifest_and_the_report(tmp_path):
+    from edgeveil.export.run import ACCURACY_LOSS_WARNING, accuracy_warning
+    from edgeveil.pipeline.report import _section_export
+
+    assert accuracy_warning("int8", 0.842, 0.842 - ACCURACY_LOSS_WARNING + 0.001, 0.5, 0.1) is None
+    assert accuracy_warning("int8", None, 0.2, None, None) is None  # no float accuracy to compare with
+    warning = accuracy_warning("int8", 0.842, 0.220, 0.983, 1.98)
+    assert "0.220 against 0.842" in warning and "62.2 points lost" in warning and "98.3%" in warning
+    # the report shows what the manifest carries (this manifest: CIFAR-10 siftfunnel, committed state)
+    source = Path(__file__).resolve().parents[1] / "benchmarks" / "state" / "cifar10" / "siftfunnel" / "export" / "manifest.json"
+    if not source.is_file():
+        pytest.skip("the committed CIFAR-10 state has no siftfunnel export")
+    manifest = json.loads(source.read_text())
+    manifest["artifacts"]["int8"]["warnings"] = [warning]
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "manifest.json").write_text(json.dumps(manifest))
+    assert f"**Warning:** {warning}" in "\n".join(_section_export(tmp_path))

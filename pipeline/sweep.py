@@ -50,7 +50,8 @@ def collect(folder: Path) -> list[dict]:
                                if e.get("grid")],
                      "attacks": {n: {p: r["summary"] for p, r in a["precisions"].items()}
                                  for n, a in (attacks or {}).get("attacks", {}).items()},
-                     "verdict": (attacks or {}).get("verdict")})
+                     "verdict": (attacks or {}).get("verdict"),
+                     "warnings": [w for a in (manifest or {}).get("artifacts", {}).values() for w in a.get("warnings", [])]})
     return rows
 
 
@@ -144,6 +145,7 @@ def build_sweep_report(folder: Path) -> tuple[str, list[Path]]:
                       "int8 head (p50, memory, file)", "why"], verdict_rows), "",
               "The int8 head's latency is the median on this machine (one thread, XNNPACK), with the "
               "interpreter's memory; see each run's report for every artifact.", ""]
+    lines += [f"**Warning, {r['run']}:** {w}\n" for r in rows for w in r["warnings"]]
     for r in rows:
         for grid in r["grids"]:
             lines += [f"**{r['run']}** ({outcome_word(r['verdict'])}):", "", f"![{r['run']} reconstructions]({grid})", ""]

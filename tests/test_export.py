@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -716,3 +717,13 @@ def test_an_artifact_that_costs_the_tail_accuracy_is_flagged_in_the_manifest_and
     (tmp_path / "export").mkdir()
     (tmp_path / "export" / "manifest.json").write_text(json.dumps(manifest))
     assert f"**Warning:** {warning}" in "\n".join(_section_export(tmp_path))
+    # and the sweep report, over a folder holding that run
+    from edgeveil.pipeline.sweep import write_sweep_report
+
+    run = tmp_path / "sweep" / "siftfunnel"
+    (run / "train").mkdir(parents=True)
+    for name in ("config.yaml", "train/model.json", "train/metrics.json"):
+        (run / name).write_bytes((source.parents[1] / name).read_bytes())
+    shutil.copytree(tmp_path / "export", run / "export")
+    md, _ = write_sweep_report(tmp_path / "sweep")
+    assert f"**Warning, siftfunnel:** {warning}" in md.read_text()

@@ -78,23 +78,20 @@ def record(name: str, runs: Path) -> dict | None:
             "float_accuracy": metrics["float_test_accuracy"],
             "int8_accuracy": manifest["artifacts"]["int8"]["tail_accuracy"],
             "int8_output": {"step": manifest["artifacts"]["int8"]["outputs"][0]["scale"],
-                            "zero_point_share": manifest["artifacts"]["int8"].get("zero_point_share")},
+                            "zero_point_share": manifest["artifacts"]["int8"].get("zero_point_share"),
+                            "float_accuracy": manifest["artifacts"]["int8"].get("float_accuracy")},
             "evaluator": attacks["evaluator"], "attacks": attacks["attacks"], "verdict": attacks["verdict"]}
 
 
 def int8_cost(rec: dict) -> str | None:
-    """A line when the int8 head loses more than 3 points of accuracy (the verdict judges privacy only)."""
-    lost = 100 * (rec["float_accuracy"] - rec["int8_accuracy"])
-    if lost <= 3:
-        return None
+    """The export's accuracy warning for the int8 head (device.manifest.accuracy_warning: the same
+    threshold and words), derived again here for exports written before export stored it."""
+    from edgeveil.device.manifest import accuracy_warning
+
     out = rec.get("int8_output", {})
-    share = out.get("zero_point_share")
-    return (f"**{rec['model']} {rec['strength']:g}**: the int8 head loses {lost:.1f} points of accuracy "
-            f"({rec['float_accuracy']:.3f} -> {rec['int8_accuracy']:.3f}). Its output step is {out.get('step', 0):.3g}"
-            + (f" and {100 * share:.1f}% of its int8 codes sit at the zero point" if share is not None else "")
-            + ": the per-tensor output range is wide against most of the features, and rounding to that step "
-            "erases what the tail needs. Part of its privacy on int8 comes from that loss; the verdict judges "
-            "privacy only, so read it beside this.")
+    float_accuracy = out.get("float_accuracy") or rec["float_accuracy"]  # export's: with any runtime noise
+    warning = accuracy_warning("int8", float_accuracy, rec["int8_accuracy"], out.get("zero_point_share"), out.get("step"))
+    return warning and f"**{rec['model']} {rec['strength']:g}**: {warning}"
 
 
 def paper_claim(rec: dict, none: dict) -> str:

@@ -35,11 +35,12 @@ from .files import read_json, sha256_file
 
 __all__ = [
     "SCHEMA_VERSION", "PRECISIONS", "tensor_entry", "sent_entry", "artifact_entry", "validate_manifest",
-    "read_manifest", "artifact_path",
+    "read_manifest", "artifact_path", "accuracy_warning", "ACCURACY_LOSS_WARNING",
 ]
 
 SCHEMA_VERSION = "edgeveil.manifest/2"
 PRECISIONS = ("fp32", "fp16", "dynamic", "int8", "int16x8")
+ACCURACY_LOSS_WARNING = 0.03  # an artifact costing the tail more accuracy than this is flagged (manifest, reports)
 _TOP_FIELDS = {"schema": str, "model_id": str, "source": dict, "tools": dict, "onnx": dict,
                "converter": dict, "calibration": dict, "input_spec": dict, "artifacts": dict}
 _INPUT_SPEC_FIELDS = {"shape": list, "layout": str, "dtype": str, "pixel_scaling": str,
@@ -83,6 +84,21 @@ def artifact_entry(*, file: str, precision: str, sha256: str, bytes: int, inputs
              "inputs": inputs, "outputs": outputs, "sent": sent, "operators": operators, **extra}
     _check_artifact(entry, f"artifacts.{precision}")
     return entry
+
+
+def accuracy_warning(precision: str, float_accuracy: float | None, accuracy: float, zero_point_share: float | None,
+                     step: float | None) -> str | None:
+    """Export's warning (stored in the entry's `warnings`) when an artifact's features cost the tail
+    more than ACCURACY_LOSS_WARNING of accuracy; None otherwise. The verdict judges privacy only: a
+    head that rounds its features away looks private."""
+    if float_accuracy is None or float_accuracy - accuracy <= ACCURACY_LOSS_WARNING:
+        return None
+    where = (f"; {100 * zero_point_share:.1f}% of its output codes sit at the zero point" if zero_point_share is not None
+             else "") + (f" (output step {step:.3g})" if step else "")
+    return (f"{precision}: the tail's accuracy on these features is {accuracy:.3f} against {float_accuracy:.3f} in float, "
+            f"{100 * (float_accuracy - accuracy):.1f} points lost{where}. Privacy measured on this artifact partly "
+            "comes from that loss.")
+
 
 
 # ------------------------------------------------------------------------------- checking

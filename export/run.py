@@ -21,6 +21,7 @@ import numpy as np
 from edgeveil.device.interpreter import find_interpreter
 from edgeveil.device.interpreter import run as run_model
 from edgeveil.device.files import atomic_write_json, sha256_file
+from edgeveil.device.manifest import ACCURACY_LOSS_WARNING, accuracy_warning  # noqa: F401 (export API)
 from edgeveil.device.manifest import SCHEMA_VERSION, artifact_entry, sent_entry, tensor_entry, validate_manifest
 from edgeveil.device.quant import dequantize, tensor_qparams
 from edgeveil.device.noise import add_float_noise, add_quantized_noise, check_noise_spec, sent_qparams
@@ -34,7 +35,6 @@ __all__ = ["export_run"]
 
 log = logging.getLogger(__name__)
 _CHUNK = 64  # images per interpreter call batch (progress granularity)
-ACCURACY_LOSS_WARNING = 0.03  # an artifact costing the tail more accuracy than this is flagged (manifest, report)
 _TORCH_BATCH = 256
 _TOOLS = {"python": (), "numpy": ("numpy",), "torch": ("torch",), "onnx": ("onnx",), "onnx2tf": ("onnx2tf",),
           "onnxsim": ("onnxsim",), "tensorflow": ("tensorflow", "tensorflow-cpu"),
@@ -209,19 +209,6 @@ def _evaluate(runtime, precision: str, path: Path, test: _TestSet, progress: boo
         interpreter={"name": model.runtime, "version": model.version, "resolver": model.resolver,
                      "xnnpack": model.xnnpack},
         **({"xnnpack_safe": False, "tiny_scales": tiny} if tiny else {}))
-
-
-def accuracy_warning(precision: str, float_accuracy: float | None, accuracy: float, zero_point_share: float | None,
-                     step: float | None) -> str | None:
-    """A warning when an artifact's features cost the tail more than ACCURACY_LOSS_WARNING of accuracy;
-    None otherwise. The verdict judges privacy only: a head that rounds its features away looks private."""
-    if float_accuracy is None or float_accuracy - accuracy <= ACCURACY_LOSS_WARNING:
-        return None
-    where = (f"; {100 * zero_point_share:.1f}% of its output codes sit at the zero point" if zero_point_share is not None
-             else "") + (f" (output step {step:.3g})" if step else "")
-    return (f"{precision}: the tail's accuracy on these features is {accuracy:.3f} against {float_accuracy:.3f} in float, "
-            f"{100 * (float_accuracy - accuracy):.1f} points lost{where}. Privacy measured on this artifact partly "
-            "comes from that loss.")
 
 
 def _sent_grid(detail: dict, noise: dict | None) -> dict:

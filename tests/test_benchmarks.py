@@ -311,4 +311,4 @@ def test_the_papers_claim_needs_a_50_percent_cut_within_3_points_under_the_prove
     assert cifar10.int8_cost({**rec("d", 0.88, 0.4), "int8_accuracy": 0.86}) is None  # 2 points: no line
     line = cifar10.int8_cost({**rec("d", 0.84, 0.4), "int8_accuracy": 0.22,
                               "int8_output": {"step": 1.98, "zero_point_share": 0.983}})
-    assert "loses 62.0 points" in line and "98.3% of its int8 codes" in line
+    assert "62.0 points lost" in line and "98.3% of its output codes" in line

@@ -39,7 +39,8 @@ def main(argv=None) -> int:
         shutil.copytree(args.run / "train", work / "train")
     shutil.copy(args.run / "config.yaml", work / "config.yaml")
     run_cfg = read_run_config(work)
-    if current_manifest(work, run_cfg.export.precisions, run_cfg.export.calibration_samples) is None:
+    if current_manifest(work, run_cfg.export.precisions, run_cfg.export.calibration_samples,
+                        run_cfg.export.clamp_outliers) is None:
         export_stage(run_cfg, work, progress=True)  # exported here, by this version of edgeveil
     cfg = run_cfg.to_dict()
     if cfg["defense"]["name"] != "none":

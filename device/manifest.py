@@ -14,6 +14,8 @@ Layout (abridged)::
      "input_spec": {"shape": [1, H, W, C], "layout": "NHWC", "dtype": "uint8",
                     "pixel_scaling": "x/255", "mean": [...], "std": [...]},
      "inference_noise": null | {...},
+     "activation_clamps": {"clamps": [{"module", "low", "high"}], ...},   optional (absent or null: none);
+           export's clamps on activations one int8 grid cannot hold (export/clip.py), part of the deployed head
      "artifacts": {"int8": {"file": "head_int8.tflite", "precision": "int8", "sha256": ...,
                             "model_id": "<sha256[:16]>", "bytes": ..., "inputs": [tensor],
                             "outputs": [tensor], "sent": sent, "operators": ["CONV_2D", ...], ...}, ...}}
@@ -144,6 +146,7 @@ def _check_manifest(obj) -> None:
     if "inference_noise" not in obj:
         raise _Invalid("inference_noise", "is missing (null when the head adds no noise)")
     _check_fields(obj["input_spec"], _INPUT_SPEC_FIELDS, "input_spec.")
+    _check_clamps(obj.get("activation_clamps"))
     if not obj["artifacts"]:
         raise _Invalid("artifacts", "is empty")
     for key, entry in obj["artifacts"].items():
@@ -153,6 +156,23 @@ def _check_manifest(obj) -> None:
         if entry["sent"]["noise"] != obj["inference_noise"]:
             raise _Invalid(f"artifacts.{key}.sent.noise", f"is {entry['sent']['noise']!r}, but inference_noise is "
                            f"{obj['inference_noise']!r}: re-run `edgeveil export RUN_DIR`")
+
+
+def _check_clamps(record) -> None:
+    if record is None:
+        return
+    if not isinstance(record, dict) or not isinstance(record.get("clamps"), list):
+        raise _Invalid("activation_clamps", f"must be null or an object with a list `clamps`, got {record!r}")
+    for i, clamp in enumerate(record["clamps"]):
+        where = f"activation_clamps.clamps[{i}]"
+        if not isinstance(clamp, dict) or not isinstance(clamp.get("module"), str):
+            raise _Invalid(where, f"must be an object with a module name, got {clamp!r}")
+        for side in ("low", "high"):
+            value = clamp.get(side)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not abs(value) < float("inf"):
+                raise _Invalid(f"{where}.{side}", f"must be a finite number, got {value!r}")
+        if not clamp["low"] < clamp["high"]:
+            raise _Invalid(where, f"low {clamp['low']} must be below high {clamp['high']}")
 
 
 def _check_artifact(entry, where: str) -> None:

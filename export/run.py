@@ -26,6 +26,8 @@ from edgeveil.device.manifest import SCHEMA_VERSION, artifact_entry, sent_entry,
 from edgeveil.device.quant import dequantize, tensor_qparams
 from edgeveil.device.noise import add_float_noise, add_quantized_noise, check_noise_spec, sent_qparams
 
+from .clip import MODES as CLAMP_MODES
+from .clip import clamp_bounds, clamped_head, find_clamps
 from .convert import ONNX2TF_SUFFIXES, PRECISIONS, check_normalization, check_precisions, convert, onnx2tf_args
 from .convert import TINY_SCALE, tflite_operators, tiny_scales
 from .onnx_export import INPUT_NAME, OPSET, OUTPUT_NAME, export_onnx
@@ -55,16 +57,20 @@ class _TestSet(NamedTuple):
 
 
 def export_run(run_dir: Path, *, precisions=PRECISIONS, calibration_samples: int = 200,
-               parity_samples: int = 256, progress: bool = True) -> dict:
+               parity_samples: int = 256, clamp_outliers: str = "auto", progress: bool = True) -> dict:
     """Export the trained head of `run_dir` into run_dir/export/ and return the manifest.
 
     Calibration: the first `calibration_samples` of a seeded permutation of victim_train (x/255,
     NHWC). Parity: the first `parity_samples` test images; tail accuracy: the whole test split.
+    clamp_outliers "auto" clamps activations whose rare outliers would take their whole int8 grid
+    (export/clip.py; recorded in the manifest's `activation_clamps`), "none" exports the head as trained.
     """
     run_dir = Path(run_dir)
     precisions = check_precisions(precisions)
     _check_count("calibration_samples", calibration_samples)
     _check_count("parity_samples", parity_samples)
+    if clamp_outliers not in CLAMP_MODES:
+        raise ValueError(f"clamp_outliers must be one of {', '.join(CLAMP_MODES)}, got {clamp_outliers!r}")
     runtime = find_interpreter()  # before the long work: no interpreter, no export
     from edgeveil.training.runfile import load_run, load_splits
 
@@ -74,14 +80,22 @@ def export_run(run_dir: Path, *, precisions=PRECISIONS, calibration_samples: int
     calib, calibration = _calibration(splits.victim_train, calibration_samples, int(info["seed"]), spec)
     if len(splits.test) == 0:
         raise ValueError(f"the test split of {run_dir} is empty: nothing to check the export against")
+    clamps = None
+    if clamp_outliers == "auto":
+        normalized = (calib - np.asarray(spec["mean"], np.float32)) / np.asarray(spec["std"], np.float32)
+        clamps = find_clamps(loaded.head, loaded.tail, normalized.transpose(0, 3, 1, 2), seed=int(info["seed"]))
+        for c in clamp_bounds({"activation_clamps": clamps}):
+            log.warning("activation %s clamped to [%.4g, %.4g]: its rare outliers would take its whole int8 grid "
+                        "(export/clip.py)", c["module"] or "(head output)", c["low"], c["high"])
+    head = clamped_head(loaded.head, {"activation_clamps": clamps})
     out = run_dir / "export"
     (out / "manifest.json").unlink(missing_ok=True)
-    export_onnx(loaded.head, spec["chw"], out / "head.onnx")
+    export_onnx(head, spec["chw"], out / "head.onnx")
     started = time.perf_counter()
     paths = convert(out / "head.onnx", calib, spec["mean"], spec["std"], out, precisions, progress=progress)
     seconds = time.perf_counter() - started
     x = normalize_pixels(splits.test.x, spec["mean"], spec["std"])
-    ref = _torch_features(loaded.head, x)
+    ref = _torch_features(head, x)
     _check_feature_shape(info, ref, run_dir)
     noise = check_noise_spec(info.get("inference_noise"), f"{run_dir / 'train' / 'model.json'}: field inference_noise")
     seed = int(info["seed"])
@@ -91,7 +105,7 @@ def export_run(run_dir: Path, *, precisions=PRECISIONS, calibration_samples: int
     artifacts = _evaluate_all(runtime, paths, test, progress)
     _check_noise(noise, artifacts)
     manifest = _manifest(run_dir, info, noise, spec, calibration, artifacts, seconds, precisions,
-                         _onnx_entry(out / "head.onnx", x[: test.n_parity], ref[: test.n_parity]))
+                         _onnx_entry(out / "head.onnx", x[: test.n_parity], ref[: test.n_parity]), clamps)
     atomic_write_json(out / "manifest.json", validate_manifest(manifest, str(out / "manifest.json")))
     return manifest
 
@@ -304,7 +318,7 @@ def _onnx_entry(path: Path, x_nhwc: np.ndarray, ref: np.ndarray) -> dict:
 
 
 def _manifest(run_dir: Path, info: dict, noise: dict | None, spec: dict, calibration: dict, artifacts: dict,
-              seconds: float, precisions: tuple, onnx_entry: dict) -> dict:
+              seconds: float, precisions: tuple, onnx_entry: dict, clamps: dict | None) -> dict:
     id_from = "int8" if "int8" in artifacts else next(iter(artifacts))
     c, h, w = spec["chw"]
     command = ["onnx2tf", *onnx2tf_args(Path("head.onnx"), Path("<tmp>/out"), Path("<tmp>/calibration.npy"),
@@ -328,6 +342,7 @@ def _manifest(run_dir: Path, info: dict, noise: dict | None, spec: dict, calibra
         "evaluation": {"test_split": "test", "parity_samples": next(iter(artifacts.values()))["parity"]["n"],
                        "interpreter_defaults": "XNNPACK on, default threads"},
         "inference_noise": noise,
+        "activation_clamps": clamps,
         "artifacts": artifacts,
     }
 

@@ -320,9 +320,9 @@ def format_fit_table(fit: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def current_manifest(run_dir, precisions, calibration_samples: int) -> dict | None:
+def current_manifest(run_dir, precisions, calibration_samples: int, clamp_outliers: str = "auto") -> dict | None:
     """The run's export manifest if it is current (same trained head and model.json, the same
-    precisions and calibration count, every artifact's sha256 intact), else None."""
+    precisions, calibration count and clamp mode, every artifact's sha256 intact), else None."""
     run_dir = Path(run_dir)
     path = run_dir / "export" / "manifest.json"
     try:
@@ -332,7 +332,9 @@ def current_manifest(run_dir, precisions, calibration_samples: int) -> dict | No
         same = (source.get("head_pt_sha256") == sha256_file(run_dir / "train" / "head.pt")
                 and source.get("model_json_sha256") == sha256_file(run_dir / "train" / "model.json")
                 and set(manifest["artifacts"]) == set(precisions)
-                and manifest["calibration"].get("count") == calibration)
+                and manifest["calibration"].get("count") == calibration
+                # "auto" records its measurement (clamps or not); "none", and manifests from before: null
+                and (manifest.get("activation_clamps") is None) == (clamp_outliers == "none"))
         if same:
             for precision in precisions:
                 artifact_path(path, precision, manifest)  # sha256 check

@@ -4,7 +4,7 @@ Targets are the frames in ``cloud/features/`` (verified again under the device k
 the device's record of which test image each one was (``device/sent.jsonl``, ground truth used only
 for scoring). Without stored frames the device runner produces the same features locally. The
 attacker's auxiliary queries go through the same artifact as the targets: the int8 TFLite head for
-int8 features, the PyTorch head for float ones.
+int8 features, the PyTorch head for float ones (with the activation clamps export chose, if any: export/clip.py).
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from typing import NamedTuple
 import numpy as np
 
 from edgeveil.device.files import read_json
+from edgeveil.export.clip import clamp_bounds, clamped_head
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,13 @@ def _float_features(head, images_u8: np.ndarray, mean, std) -> np.ndarray:
     x, _ = to_tensors(ImageSet(images_u8, np.zeros(len(images_u8), np.int64), ("0",)), mean, std)
     with torch.no_grad():
         return torch.cat([head(x[i:i + 256]) for i in range(0, len(x), 256)]).numpy()
+
+
+def _float_id(info: dict, manifest: dict) -> str:
+    """What identifies the float deployment: the trained head, and the clamps export put in it."""
+    head = info.get("files", {}).get("head.pt", "torch")
+    clamps = clamp_bounds(manifest)
+    return head if not clamps else f"{head}, clamped {json.dumps(clamps, sort_keys=True)}"
 
 
 def _to_u8(images01: np.ndarray) -> np.ndarray:
@@ -188,6 +196,8 @@ def attack_stage(cfg, run_dir: Path, names: list[str] | None = None, progress: b
     attacks = {n: p.attack for n, p in plan.items() if p.skip is None}
     runners = {"int8": HeadRunner(run_dir / "export", "int8", noise_seed=cfg.seed)}
     manifest = runners["int8"].manifest
+    # The float deployment is the head as exported: with the activation clamps export chose, if any.
+    run = run._replace(head=clamped_head(run.head, manifest))
     for prec in cfg.attack.precisions:
         if prec not in ("float", "int8") and prec in manifest["artifacts"]:
             runners[prec] = HeadRunner(run_dir / "export", prec, noise_seed=cfg.seed)
@@ -202,8 +212,8 @@ def attack_stage(cfg, run_dir: Path, names: list[str] | None = None, progress: b
     labelled = splits.labelled
     victim_images = to01(splits.victim_train.x) if any(a.wants_victim_images for a in attacks.values()) else None
     target_features = {p: (target_q if p == "int8" else v.query(target_images)) for p, v in victims.items()}
-    artifact_ids = {p: (run.info.get("files", {}).get("head.pt", "torch") if p == "float"
-                        else manifest["artifacts"][p]["sha256"]) for p in victims}
+    artifact_ids = {p: (_float_id(run.info, manifest) if p == "float" else manifest["artifacts"][p]["sha256"])
+                    for p in victims}
     out = {"schema": "edgeveil.attacks/2",
            "targets": {"n": len(idx), "source": source, "indices": [int(i) for i in idx]},
            "aux": {"n": len(aux_images), "source": "attacker auxiliary split, queried through the same artifact"},

@@ -76,6 +76,8 @@ class ExportConfig:
     precisions: list = _spec(factory=lambda: ["fp32", "fp16", "dynamic", "int8", "int16x8"])
     calibration_samples: int = _spec(200, min=1, max=100_000)
     parity_samples: int = _spec(256, min=1, max=100_000)
+    clamp_outliers: str = _spec("auto", choices=["auto", "none"],
+                                doc="auto: clamp activations whose rare outliers would take their whole int8 grid")
     target: str | None = _spec(None, doc="a board profile: edgeveil list boards")
 
 

@@ -74,7 +74,8 @@ def _finished(stage: str, cell: Cell) -> bool:
     manifest = run / "export" / "manifest.json"
     if stage == "export":
         from edgeveil.export.targets import current_manifest
-        return current_manifest(run, cfg.export.precisions, cfg.export.calibration_samples) is not None
+        return current_manifest(run, cfg.export.precisions, cfg.export.calibration_samples,
+                               cfg.export.clamp_outliers) is not None
     later = lambda p: p.is_file() and manifest.is_file() and p.stat().st_mtime >= manifest.stat().st_mtime  # noqa: E731
     if stage == "bench":
         return later(run / "device" / "bench.json")

@@ -72,7 +72,20 @@ def _section_export(run: Path) -> list[str]:
             "(steps = output quantization steps); accuracy = the tail fed each artifact's dequantized features.", "",
             _table(["precision", "bytes", "float acc", "tail acc", "cosine", "max abs err", "mean steps",
                     "max steps", "operators"], rows),
+            *_clamp_lines(m.get("activation_clamps")),
             *[f"\n**Warning:** {w}" for a in m["artifacts"].values() for w in a.get("warnings", [])]]
+
+
+def _clamp_lines(record: dict | None) -> list[str]:
+    """The activations export clamped (export/clip.py), with the range each had."""
+    if not record or not record.get("clamps"):
+        return []
+    parts = [f"{c['module'] or 'the head output'} to [{c['low']:.3g}, {c['high']:.3g}] (it ranged {c['min']:.3g} to "
+             f"{c['max']:.3g})" for c in record["clamps"]]
+    return [f"\n**Activations clamped** ({record['percentile']} % band, over {record['min_ratio']:g}x narrower than "
+            f"the full range): {'; '.join(parts)}. Rare outliers would have taken each one's whole int8 grid. The float "
+            f"tail answers as before on {100 * record['float_agreement']:.1f}% of {record['samples']} calibration "
+            "images. The clamps are part of the deployed head: float and int8 are attacked with them."]
 
 
 def _xnn(row: dict) -> str:

@@ -212,7 +212,7 @@ def export_stage(cfg: Config, run_dir: Path, progress: bool = True, target: str 
         from edgeveil.export.targets import check_plan_target, current_manifest
 
         check_plan_target(memory_plan, target)  # an unknown board or plan fails before the long export
-        manifest = current_manifest(run_dir, e.precisions, e.calibration_samples)
+        manifest = current_manifest(run_dir, e.precisions, e.calibration_samples, e.clamp_outliers)
         if manifest is not None:
             log.info("%s is current: reusing it for --target %s", run_dir / "export" / "manifest.json", target)
     if manifest is None:
@@ -220,6 +220,7 @@ def export_stage(cfg: Config, run_dir: Path, progress: bool = True, target: str 
                       *run_dir.glob("export/head_*_planned.tflite")):
             stale.unlink()
         manifest = export_run(run_dir, precisions=tuple(e.precisions), calibration_samples=e.calibration_samples,
+                              clamp_outliers=e.clamp_outliers,
                               parity_samples=e.parity_samples, progress=progress)
     if target is not None:
         from edgeveil.export.targets import target_report

@@ -99,6 +99,16 @@ def test_a_clamp_on_the_head_output_and_on_a_missing_module():
         clamped_head(head, {"activation_clamps": {"clamps": [{"module": "9", "low": 0.0, "high": 1.0}]}})
 
 
+def test_the_attacks_tell_a_clamped_float_head_from_the_trained_one():
+    """Finished attacks are reused only for the same float head: the clamps are part of its id."""
+    from edgeveil.pipeline.attack_stage import _float_id
+
+    info = {"files": {"head.pt": "abc"}}
+    clamps = {"activation_clamps": {"clamps": [{"module": "0", "low": 0.0, "high": 1.0}]}}
+    assert _float_id(info, {}) == _float_id(info, {"activation_clamps": {"clamps": []}}) == "abc"
+    assert _float_id(info, clamps) != "abc" and "clamped" in _float_id(info, clamps)
+
+
 @pytest.mark.parametrize("bad", [np.zeros((0, 4, 2, 2), np.float32), np.full((3, 4, 2, 2), np.nan, np.float32),
                                  np.zeros(5, np.float32)])
 def test_bad_calibration_inputs_are_refused(bad):

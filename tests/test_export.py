@@ -717,6 +717,9 @@ def test_an_artifact_that_costs_the_tail_accuracy_is_flagged_in_the_manifest_and
     (tmp_path / "export").mkdir()
     (tmp_path / "export" / "manifest.json").write_text(json.dumps(manifest))
     assert f"**Warning:** {warning}" in "\n".join(_section_export(tmp_path))
+    # this head's export clamped the outliers of its residual branch (export/clip.py): the report names them
+    assert "**Activations clamped**" in "\n".join(_section_export(tmp_path))
+    assert "layer1.1.conv2.bn to [" in "\n".join(_section_export(tmp_path))
     # and the sweep report, over a folder holding that run
     from edgeveil.pipeline.sweep import write_sweep_report
 
@@ -727,3 +730,4 @@ def test_an_artifact_that_costs_the_tail_accuracy_is_flagged_in_the_manifest_and
     shutil.copytree(tmp_path / "export", run / "export")
     md, _ = write_sweep_report(tmp_path / "sweep")
     assert f"**Warning, siftfunnel:** {warning}" in md.read_text()
+    assert "**Activations clamped, siftfunnel:** layer1.1.conv2.bn to [" in md.read_text()

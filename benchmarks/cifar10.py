@@ -148,7 +148,28 @@ def _power(rec: dict, attack: str, prec: str) -> str:
     return "-" if not p else f"{'proven' if p['proven'] else 'too weak'} ({100 * p['ratio']:.0f}%)"
 
 
-def markdown(records: list[dict]) -> str:
+def progress(name: str, runs: Path) -> str:
+    """Where an unfinished model stands, from its run directory (what a resumed run will not redo)."""
+    run = runs / name
+    history = run / "train" / "history.jsonl"
+    epochs = len(history.read_text().splitlines()) if history.is_file() else 0
+    if not (run / "train" / "metrics.json").is_file():
+        return f"training, {epochs} of {config(name, runs).train.epochs} epochs done"
+    if not (run / "export" / "manifest.json").is_file():
+        return f"trained ({epochs} epochs), not exported yet"
+    done = sorted(p.stem.replace(".", " on ") for p in (run / "cloud" / "attacks").glob("*.json"))
+    line = f"trained and exported; attacks finished so far: {', '.join(done) or 'none'}"
+    manifest = json.loads((run / "export" / "manifest.json").read_text())
+    if (manifest.get("activation_clamps") or {}).get("clamps"):
+        int8 = manifest["artifacts"]["int8"]
+        line += (f". Its export clamps activations with rare outliers: int8 accuracy {int8['tail_accuracy']:.3f} "
+                 f"against {int8['float_accuracy']:.3f} in float")
+        if name in UNCLAMPED:
+            line += f". The figures given before came from the unclamped head ({UNCLAMPED[name]}) and are withdrawn"
+    return line
+
+
+def markdown(records: list[dict], pending: dict[str, str] | None = None) -> str:
     from edgeveil.cloud_sim.verdict import outcome_word
 
     none = next((r for r in records if r["model"] == "none"), None)
@@ -185,8 +206,8 @@ def markdown(records: list[dict]) -> str:
         defended = [r for r in records if r["model"] != "none"]
         lines += ["", "## The papers' claim: SSIM cut ≥ 50% at ≤ 3 points of accuracy", ""]
         lines += [f"- {paper_claim(r, none)}" for r in defended]
-        lines += [f"- **{m}**: not finished yet (training or attacks still running)."
-                  for m in MODELS if m != "none" and m not in {r["model"] for r in defended}]
+        lines += [f"- **{m}**: not finished yet ({(pending or {}).get(m, 'not started')}). `python benchmarks/cifar10.py` "
+                  "resumes it." for m in MODELS if m != "none" and m not in {r["model"] for r in defended}]
     costs = [c for c in map(int8_cost, records) if c]
     clamped = [c for c in map(clamp_line, records) if c]
     if costs or clamped:
@@ -260,8 +281,9 @@ def main(argv=None) -> int:
             grid = Path(r["run_dir"]) / "cloud" / "inverse.png"
             if grid.is_file():
                 atomic_write_bytes(args.out / f"cifar10_{r['model']}_inverse.png", grid.read_bytes())
-        atomic_write_text(args.out / "cifar10.md", markdown(records))
-        print(markdown(records))
+        pending = {n: progress(n, args.runs) for n in MODELS if n not in {r["model"] for r in records}}
+        atomic_write_text(args.out / "cifar10.md", markdown(records, pending))
+        print(markdown(records, pending))
     return 0
 
 

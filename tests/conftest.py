@@ -100,3 +100,29 @@ class RecordedQuery:
     def __call__(self, images):
         self.sent.append(images.copy())
         return self.query(images)
+
+
+def rewrite_channel0(run: Path, affine) -> None:
+    """Channel 0 of a trained head's output rewritten through its last BatchNorm, whose (weight, bias)
+    for that channel become affine(weight, bias); the tail is made to ignore it (its first
+    convolution's weights on channel 0 zeroed); model.json's sha256s follow."""
+    import json
+
+    import torch
+
+    from edgeveil.device.files import sha256_file
+
+    info = json.loads((run / "train" / "model.json").read_text())
+    for name in ("head.pt", "tail.pt"):
+        path = run / "train" / name
+        state = torch.load(path, weights_only=True)
+        if name == "head.pt":
+            bias = sorted(k for k in state if k.endswith("bn.bias"))[-1]
+            weight = bias.replace("bias", "weight")
+            state[weight][0], state[bias][0] = affine(float(state[weight][0]), float(state[bias][0]))
+        else:
+            first_conv = next(k for k, v in state.items() if k.endswith("weight") and v.ndim == 4)
+            state[first_conv][:, 0] = 0.0
+        torch.save(state, path)
+        info["files"][name] = sha256_file(path)
+    (run / "train" / "model.json").write_text(json.dumps(info))

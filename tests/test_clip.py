@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import rewrite_channel0
 from edgeveil.device.manifest import validate_manifest
 from edgeveil.export.clip import clamp_bounds, clamped_head, find_clamps
 
@@ -141,7 +142,6 @@ def _sparse_outlier_head(run: Path, share: float = 0.001, gain: float = 5000.0) 
     first convolution ignores channel 0, so the float head classifies exactly as before."""
     import torch
 
-    from edgeveil.device.files import sha256_file
     from edgeveil.training.runfile import load_run, load_splits
 
     run_info = json.loads((run / "train" / "model.json").read_text())
@@ -155,20 +155,7 @@ def _sparse_outlier_head(run: Path, share: float = 0.001, gain: float = 5000.0) 
         loaded.head(torch.from_numpy(((x / np.float32(255) - mean) / std).astype(np.float32)).permute(0, 3, 1, 2))
     hook.remove()
     threshold = float(torch.quantile(torch.cat(seen).flatten(), 1 - share))
-    for name in ("head.pt", "tail.pt"):
-        path = run / "train" / name
-        state = torch.load(path, weights_only=True)
-        if name == "head.pt":
-            last_bn = sorted(k for k in state if k.endswith("bn.bias"))[-1]
-            w = last_bn.replace("bias", "weight")
-            state[last_bn][0] = gain * (state[last_bn][0] - threshold)
-            state[w][0] = gain * state[w][0]
-        else:
-            first_conv = next(k for k, v in state.items() if k.endswith("weight") and v.ndim == 4)
-            state[first_conv][:, 0] = 0.0
-        torch.save(state, path)
-        run_info["files"][name] = sha256_file(path)
-    (run / "train" / "model.json").write_text(json.dumps(run_info))
+    rewrite_channel0(run, lambda weight, bias: (gain * weight, gain * (bias - threshold)))
 
 
 @pytest.mark.slow

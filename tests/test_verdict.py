@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import QUICK
+from conftest import QUICK, rewrite_channel0
 from edgeveil.cloud_sim.verdict import decide, headline, verdict
 
 
@@ -219,25 +219,8 @@ FAST = [*QUICK, "export.precisions=[int8]", "attack.precisions=[float,int8]", "a
 
 def _outlier_head(run: Path, bias: float) -> None:
     """Channel 0 of the head's output made a large constant (the last BatchNorm's weight 0, bias
-    `bias`), which the tail ignores (its first convolution's weights on that channel zeroed)."""
-    import torch
-
-    from edgeveil.device.files import sha256_file
-
-    info = json.loads((run / "train" / "model.json").read_text())
-    for name in ("head.pt", "tail.pt"):
-        path = run / "train" / name
-        state = torch.load(path, weights_only=True)
-        if name == "head.pt":
-            last_bn = sorted(k for k in state if k.endswith("bn.bias"))[-1]
-            state[last_bn][0] = bias
-            state[last_bn.replace("bias", "weight")][0] = 0.0
-        else:
-            first_conv = next(k for k, v in state.items() if k.endswith("weight") and v.ndim == 4)
-            state[first_conv][:, 0] = 0.0
-        torch.save(state, path)
-        info["files"][name] = sha256_file(path)
-    (run / "train" / "model.json").write_text(json.dumps(info))
+    `bias`), which the tail ignores."""
+    rewrite_channel0(run, lambda _weight, _bias: (0.0, bias))
 
 
 @pytest.mark.slow

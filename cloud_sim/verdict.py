@@ -301,7 +301,12 @@ def _certified(checks: list[dict]) -> tuple[list[dict], list[dict]]:
 def _evidence(checks: list[dict], powers: dict, at_float: list[dict], compressed: list[dict]) -> dict:
     """The check lists the outcome is decided on; lost: compressed checks that fail where float held."""
     held_float = {(c["attack"], c["metric"]) for c in at_float if c["outcome"] == "holds"}
-    return {"compression_failed": [c for c in checks if c["kind"] == "compression" and c["outcome"] == "fails"],
+    # A compression check counts only for an attack that proved its power: int8 features are (up to the
+    # runtime noise rounding erases) a function of the float ones, so a weak attack doing better on int8
+    # says the attack failed in float, not that int8 leaks more (pmc on CIFAR-10 siftfunnel: 0.162
+    # float, below training from scratch, against 0.314 int8).
+    return {"compression_failed": [c for c in checks if c["kind"] == "compression" and c["outcome"] == "fails"
+                                   and c.get("certifies", True)],
             "lost": [c for c in compressed if c["outcome"] == "fails" and (c["attack"], c["metric"]) in held_float],
             "float_failed": [c for c in at_float if c["outcome"] == "fails"],
             "compressed_failed": [c for c in compressed if c["outcome"] == "fails"],

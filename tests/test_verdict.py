@@ -168,6 +168,24 @@ def test_completion_attacks_prove_power_against_clean_accuracy():
     assert v["outcome"] == "survives"  # judged on pmc alone
 
 
+def test_a_weak_attack_doing_better_on_int8_does_not_decide_does_not_survive():
+    """siftfunnel on CIFAR-10: pmc, too weak to certify (38 % of clean accuracy on the baseline), scored
+    0.162 on float (below training from scratch) and 0.314 on int8. int8 features are a function of
+    the float ones, so that gap is the attack failing in float: reported, never decisive."""
+    def pmc(float_acc, int8_acc, clean=0.87):
+        return {"precisions": {p: _prec({"accuracy": _ident(a) + RNG.normal(0, 0.01, 300), "clean_accuracy": _ident(clean)})
+                               for p, a in (("float", float_acc), ("int8", int8_acc))}}
+    base = _attacks(BASE, BASE)
+    base["attacks"]["pmc"] = pmc(0.33, 0.31)        # 38% of clean accuracy: too weak
+    run = _attacks(BASE - 0.3, BASE - 0.3, ident=(0.3, 0.3))   # inverse: proven, cut at both precisions
+    run["attacks"]["pmc"] = pmc(0.16, 0.31)
+    v = verdict(run, None, base, defense="siftfunnel")
+    weak = _checks(v, "compression", "accuracy")["int8"]
+    assert weak["outcome"] == "fails" and not weak["certifies"]    # still reported as it is
+    assert v["weak"] == ["pmc"] and v["outcome"] == "survives"
+    assert not v["evidence"]["compression_failed"]
+
+
 def test_a_failed_attack_is_named_and_judges_nothing():
     run = _attacks(BASE, BASE)
     run["attacks"]["mine"] = {"error": "ValueError: needs 64 pairs", "precisions": {}}

@@ -92,13 +92,13 @@ UNCLAMPED = {"siftfunnel": "int8 accuracy 0.220 against 0.842 in float (output s
 
 def clamp_line(rec: dict) -> str | None:
     """What export clamped in this head (export/clip.py), and what int8 cost without it."""
-    clamps = (rec.get("activation_clamps") or {}).get("clamps") or []
+    from edgeveil.export.clip import clamp_bounds, describe_clamps
+
+    clamps = clamp_bounds(rec)
     if not clamps:
         return None
-    parts = "; ".join(f"`{c['module'] or 'head output'}` to [{c['low']:.3g}, {c['high']:.3g}] (it ranged "
-                      f"{c['min']:.3g} to {c['max']:.1f})" for c in clamps)
     before = UNCLAMPED.get(rec["model"])
-    return (f"**{rec['model']} {rec['strength']:g}**: export clamped {parts}. int8 accuracy "
+    return (f"**{rec['model']} {rec['strength']:g}**: export clamped {describe_clamps(clamps)}. int8 accuracy "
             f"{rec['int8_accuracy']:.3f} against {rec['int8_output']['float_accuracy']:.3f} in float"
             + (f"; without the clamps this head had {before}." if before else "."))
 
@@ -158,15 +158,7 @@ def progress(name: str, runs: Path) -> str:
     if not (run / "export" / "manifest.json").is_file():
         return f"trained ({epochs} epochs), not exported yet"
     done = sorted(p.stem.replace(".", " on ") for p in (run / "cloud" / "attacks").glob("*.json"))
-    line = f"trained and exported; attacks finished so far: {', '.join(done) or 'none'}"
-    manifest = json.loads((run / "export" / "manifest.json").read_text())
-    if (manifest.get("activation_clamps") or {}).get("clamps"):
-        int8 = manifest["artifacts"]["int8"]
-        line += (f". Its export clamps activations with rare outliers: int8 accuracy {int8['tail_accuracy']:.3f} "
-                 f"against {int8['float_accuracy']:.3f} in float")
-        if name in UNCLAMPED:
-            line += f". The figures given before came from the unclamped head ({UNCLAMPED[name]}) and are withdrawn"
-    return line
+    return f"trained and exported; attacks finished so far: {', '.join(done) or 'none'}"
 
 
 def markdown(records: list[dict], pending: dict[str, str] | None = None) -> str:

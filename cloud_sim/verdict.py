@@ -306,7 +306,7 @@ def _evidence(checks: list[dict], powers: dict, at_float: list[dict], compressed
     # says the attack failed in float, not that int8 leaks more (pmc on CIFAR-10 siftfunnel: 0.162
     # float, below training from scratch, against 0.314 int8).
     return {"compression_failed": [c for c in checks if c["kind"] == "compression" and c["outcome"] == "fails"
-                                   and c.get("certifies", True)],
+                                   and c["certifies"]],
             "lost": [c for c in compressed if c["outcome"] == "fails" and (c["attack"], c["metric"]) in held_float],
             "float_failed": [c for c in at_float if c["outcome"] == "fails"],
             "compressed_failed": [c for c in compressed if c["outcome"] == "fails"],

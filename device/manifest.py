@@ -102,7 +102,6 @@ def accuracy_warning(precision: str, float_accuracy: float | None, accuracy: flo
             "comes from that loss.")
 
 
-
 # ------------------------------------------------------------------------------- checking
 
 

@@ -26,19 +26,19 @@ import copy
 
 import numpy as np
 
-__all__ = ["MODES", "PERCENTILE", "MIN_RATIO", "FLOAT_AGREEMENT", "find_clamps", "clamped_head", "clamp_bounds"]
+__all__ = ["MODES", "PERCENTILE", "MIN_RATIO", "FLOAT_AGREEMENT", "find_clamps", "clamped_head", "clamp_bounds",
+           "describe_clamps"]
 
 MODES = ("auto", "none")
 PERCENTILE = 99.9  # the band: PERCENTILE and 100 - PERCENTILE of the tensor's calibration values
 MIN_RATIO = 16.0  # clamp when the full range is over this many times the band (the band keeps < 16 codes)
 FLOAT_AGREEMENT = 0.99  # the float tail must answer as before on this share of calibration images
-_SAMPLE = 200_000  # values per tensor the percentiles are estimated from
 _BATCH = 128
 HEAD_OUTPUT = ""  # the module name that stands for the head's own output
 
 
 def find_clamps(head, tail, calibration, *, percentile: float = PERCENTILE, min_ratio: float = MIN_RATIO,
-                float_agreement: float = FLOAT_AGREEMENT, seed: int = 0) -> dict:
+                float_agreement: float = FLOAT_AGREEMENT) -> dict:
     """The manifest's `activation_clamps` for `head` on calibration inputs (N, C, H, W float32,
     normalized): the clamps kept (maybe none) and every candidate tensor as last measured.
 
@@ -55,7 +55,7 @@ def find_clamps(head, tail, calibration, *, percentile: float = PERCENTILE, min_
     agreement = None
     while True:
         current = clamped_head(head, {"activation_clamps": {"clamps": clamps}})
-        candidates = _measure(current, x, percentile, np.random.default_rng(seed))
+        candidates = _measure(current, x, percentile)
         for c in candidates:
             c["clamped"] = any(k["module"] == c["module"] for k in clamps)
             c["refused_float_agreement"] = refused.get(c["module"])
@@ -76,6 +76,12 @@ def find_clamps(head, tail, calibration, *, percentile: float = PERCENTILE, min_
 def clamp_bounds(manifest: dict) -> list[dict]:
     """The clamps a manifest records ([] for none, or a manifest from before clamps existed)."""
     return list((manifest.get("activation_clamps") or {}).get("clamps") or [])
+
+
+def describe_clamps(clamps: list[dict]) -> str:
+    """One phrase per clamp, for the reports: the tensor, its bounds and the range it had."""
+    return "; ".join(f"{c['module'] or 'the head output'} to [{c['low']:.3g}, {c['high']:.3g}] (it ranged "
+                     f"{c['min']:.3g} to {c['max']:.3g})" for c in clamps)
 
 
 def clamped_head(head, manifest: dict):
@@ -99,12 +105,11 @@ def clamped_head(head, manifest: dict):
     return Clamped(out, last[0]["low"], last[0]["high"]) if last else out
 
 
-def _measure(current, x, percentile: float, rng) -> list[dict]:
+def _measure(current, x, percentile: float) -> list[dict]:
     """Every candidate tensor of a (clamped) head, in forward order: range, central band, their ratio."""
     candidates = []
     for name, v in _activations(current, x).items():
-        sample = v if v.size <= _SAMPLE else rng.choice(v, _SAMPLE, replace=False)
-        low, high = (float(q) for q in np.percentile(sample, [100.0 - percentile, percentile]))
+        low, high = (float(q) for q in np.percentile(v, [100.0 - percentile, percentile]))
         full = max(float(v.max()), 0.0) - min(float(v.min()), 0.0)  # a grid always holds zero
         band = max(high, 0.0) - min(low, 0.0)
         candidates.append({"module": name, "min": float(v.min()), "max": float(v.max()), "low": low, "high": high,

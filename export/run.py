@@ -83,7 +83,7 @@ def export_run(run_dir: Path, *, precisions=PRECISIONS, calibration_samples: int
     clamps = None
     if clamp_outliers == "auto":
         normalized = (calib - np.asarray(spec["mean"], np.float32)) / np.asarray(spec["std"], np.float32)
-        clamps = find_clamps(loaded.head, loaded.tail, normalized.transpose(0, 3, 1, 2), seed=int(info["seed"]))
+        clamps = find_clamps(loaded.head, loaded.tail, normalized.transpose(0, 3, 1, 2))
         for c in clamp_bounds({"activation_clamps": clamps}):
             log.warning("activation %s clamped to [%.4g, %.4g]: its rare outliers would take its whole int8 grid "
                         "(export/clip.py)", c["module"] or "(head output)", c["low"], c["high"])

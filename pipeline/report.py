@@ -80,10 +80,11 @@ def _clamp_lines(record: dict | None) -> list[str]:
     """The activations export clamped (export/clip.py), with the range each had."""
     if not record or not record.get("clamps"):
         return []
-    parts = [f"{c['module'] or 'the head output'} to [{c['low']:.3g}, {c['high']:.3g}] (it ranged {c['min']:.3g} to "
-             f"{c['max']:.3g})" for c in record["clamps"]]
+    from edgeveil.export.clip import describe_clamps
+
     return [f"\n**Activations clamped** ({record['percentile']} % band, over {record['min_ratio']:g}x narrower than "
-            f"the full range): {'; '.join(parts)}. Rare outliers would have taken each one's whole int8 grid. The float "
+            f"the full range): {describe_clamps(record['clamps'])}. Rare outliers would have taken each one's whole "
+            "int8 grid. The float "
             f"tail answers as before on {100 * record['float_agreement']:.1f}% of {record['samples']} calibration "
             "images. The clamps are part of the deployed head: float and int8 are attacked with them."]
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from edgeveil.device.files import atomic_path, read_json
-from edgeveil.export.clip import clamp_bounds
+from edgeveil.export.clip import clamp_bounds, describe_clamps
 
 __all__ = ["find_runs", "collect", "write_sweep_report"]
 
@@ -148,10 +148,8 @@ def build_sweep_report(folder: Path) -> tuple[str, list[Path]]:
               "The int8 head's latency is the median on this machine (one thread, XNNPACK), with the "
               "interpreter's memory; see each run's report for every artifact.", ""]
     lines += [f"**Warning, {r['run']}:** {w}\n" for r in rows for w in r["warnings"]]
-    lines += [f"**Activations clamped, {r['run']}:** " + "; ".join(
-                  f"{c['module'] or 'head output'} to [{c['low']:.3g}, {c['high']:.3g}]" for c in r["clamps"])
-              + " (rare outliers would have taken their whole int8 grid; the run's report has the detail).\n"
-              for r in rows if r["clamps"]]
+    lines += [f"**Activations clamped, {r['run']}:** {describe_clamps(r['clamps'])}: rare outliers would have taken "
+              "their whole int8 grid.\n" for r in rows if r["clamps"]]
     for r in rows:
         for grid in r["grids"]:
             lines += [f"**{r['run']}** ({outcome_word(r['verdict'])}):", "", f"![{r['run']} reconstructions]({grid})", ""]

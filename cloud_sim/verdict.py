@@ -1,6 +1,7 @@
 """The verdict: does privacy survive compression?
 
-Judged metrics (higher = more leakage): SSIM (interior), PSNR, identification (the auditor's
+Judged metrics (higher = more leakage): SSIM (interior; on colour images over RGB and on luminance),
+PSNR, identification (the auditor's
 evaluator on the reconstructions; top-5 too with 20 classes or more) and completion accuracy. MSE is
 reported elsewhere, not judged twice; MINE's MI is a diagnostic (see below).
 
@@ -20,7 +21,8 @@ Two questions per attack, metric and precision:
   uncertain otherwise.
 * defense: does the defense beat no defense at this precision? d = defended - undefended (paired
   when both runs attacked the same images). holds when the whole interval is below minus the
-  tolerance; fails otherwise. Binding for SSIM and completion accuracy (DEFENSE_METRICS); PSNR and
+  tolerance; fails otherwise. Binding for SSIM (RGB and luminance: a defense that only shifts colours
+  keeps the outlines a person reads) and completion accuracy (DEFENSE_METRICS); PSNR and
   identification are reported beside them: the evaluator names the task's own classes, which the
   server is meant to learn, so no useful defense lowers it (it still proves attack power and is
   judged for compression).
@@ -56,15 +58,17 @@ __all__ = ["DEFENSE_METRICS", "DIAGNOSTIC_METRICS", "LEAKAGE_METRICS", "DEFAULT_
            "Decision", "attack_power", "decide", "headline", "outcome_word", "verdict"]
 
 # metric -> (tolerance key, label, format)
-LEAKAGE_METRICS = {"ssim": ("ssim", "SSIM", "+.4f"), "psnr": ("psnr", "PSNR (dB)", "+.2f"),
+LEAKAGE_METRICS = {"ssim": ("ssim", "SSIM", "+.4f"), "ssim_luma": ("ssim", "luminance SSIM", "+.4f"),
+                   "psnr": ("psnr", "PSNR (dB)", "+.2f"),
                    "identification": ("identification", "identification accuracy", "+.4f"),
                    "identification_top5": ("identification", "top-5 identification accuracy", "+.4f"),
                    "accuracy": ("accuracy", "completion accuracy", "+.4f")}
 DIAGNOSTIC_METRICS = {"mi": ("mi", "MI (nats)", "+.4f")}
-# What a defense must cut to beat no defense: the pixels (SSIM) of a reconstruction, the accuracy of
-# a completion. Identification of the task's own class is what the tail computes from the features
-# by design, so a useful defense cannot lower it; its defense checks are reported, not binding.
-DEFENSE_METRICS = ("ssim", "accuracy")
+# What a defense must cut to beat no defense: the pixels (SSIM) of a reconstruction, over RGB and on
+# luminance (false colours alone must not pass for privacy), the accuracy of a completion.
+# Identification of the task's own class is what the tail computes from the features by design, so a
+# useful defense cannot lower it; its defense checks are reported, not binding.
+DEFENSE_METRICS = ("ssim", "ssim_luma", "accuracy")
 DEFAULT_TOLERANCE = {"ssim": 0.02, "psnr": 0.5, "identification": 0.02, "accuracy": 0.02}
 DEFAULT_POWER = 0.8
 OUTCOMES = {"survives": "survives", "does not survive": "does NOT survive", "never protected": "never protected",
@@ -375,7 +379,7 @@ def headline(d: Decision) -> str:
     out = [_OPENINGS[d.outcome].format(defense=d.defense, missing="; ".join(d.missing),
                                        proven=", ".join(ev["proven"]))]
     if d.outcome == "survives":
-        out += [_cut_line(c) for c in d.decided_by if "defended" in c]
+        out += _cut_lines([c for c in d.decided_by if "defended" in c])
     out += [_check_line(c) + " On float features it did." for c in ev["lost"]]
     out += [_check_line(c) for c in ev["compression_failed"]]
     if d.outcome == "never protected":
@@ -403,13 +407,27 @@ def _check_line(c: dict) -> str:
             f"{c['undefended']:.4f}, not lower by more than the tolerance {c['tolerance']:g}.")
 
 
-def _cut_line(c: dict) -> str:
-    """How much a surviving defense cuts: a survival that leaves 90% of the leakage reads differently
-    from one that leaves 40%."""
-    label = LEAKAGE_METRICS[c["metric"]][1]
-    cut = 1 - c["defended"] / c["undefended"] if c["undefended"] > 0 else 0.0
-    return (f"{c['attack']} {label} on {c['precision']} features: defended {c['defended']:.4f} against "
-            f"undefended {c['undefended']:.4f}, {100 * cut:.0f}% lower.")
+def _cut(c: dict) -> float:
+    return 1 - c["defended"] / c["undefended"] if c["undefended"] > 0 else 0.0
+
+
+def _cut_lines(checks: list[dict]) -> list[str]:
+    """How much a surviving defense cuts, one sentence per attack and precision: a survival that leaves
+    90% of the leakage reads differently from one that leaves 40%. Where SSIM was scored over RGB and
+    on luminance, the smaller cut is the one to quote: the larger may be colour alone."""
+    groups: dict = {}
+    for c in checks:
+        groups.setdefault((c["attack"], c["precision"]), []).append(c)
+    out = []
+    for (attack, prec), found in groups.items():
+        parts = [f"{LEAKAGE_METRICS[c['metric']][1]} defended {c['defended']:.4f} against undefended "
+                 f"{c['undefended']:.4f}, {100 * _cut(c):.0f}% lower" for c in found]
+        ssim = [c for c in found if c["metric"] in ("ssim", "ssim_luma")]
+        least = min(ssim, key=_cut) if len(ssim) > 1 else None
+        tail = (f" (quote {100 * _cut(least):.0f}%, the smaller SSIM cut: the rest is colour)"
+                if least is not None and least["metric"] == "ssim_luma" else "")
+        out.append(f"{attack} on {prec} features: " + "; ".join(parts) + tail + ".")
+    return out
 
 
 def _power_line(name: str, by_prec: dict) -> str:

@@ -123,7 +123,8 @@ def _section_stream(run: Path) -> list[str]:
 
 
 _SPEC = {"psnr": ".2f", "mse": ".5f"}
-_LABEL = {"ssim": "SSIM", "psnr": "PSNR (dB)", "mse": "MSE", "accuracy": "completion accuracy", "mi": "MI (nats)",
+_LABEL = {"ssim": "SSIM", "ssim_luma": "luminance SSIM", "psnr": "PSNR (dB)", "mse": "MSE",
+          "accuracy": "completion accuracy", "mi": "MI (nats)",
           "scratch_accuracy": "from-scratch accuracy", "clean_accuracy": "clean accuracy",
           "identification": "identified", "identification_top5": "identified (top-5)"}
 

@@ -20,7 +20,7 @@ def _attack_summary(entry: dict) -> str:
     parts = []
     for prec, r in entry["precisions"].items():
         s = r["summary"]
-        keys = [k for k in ("ssim", "identification") if k in s] or list(s)[:1]
+        keys = [k for k in ("ssim", "ssim_luma", "identification") if k in s] or list(s)[:1]
         parts.append(f"{prec} " + " ".join(f"{k} {s[k]['mean']:.3f}" for k in keys))
     return ", ".join(parts)
 

@@ -297,8 +297,8 @@ def test_cifar10_tables_are_rebuilt_from_the_finished_runs(tmp_path):
 def test_the_papers_claim_needs_a_50_percent_cut_within_3_points_under_the_proven_attack(monkeypatch):
     cifar10 = _cifar10_module(monkeypatch)
 
-    def rec(model, acc, ssim, proven=True):
-        summary = {"ssim": {"mean": ssim}}
+    def rec(model, acc, ssim, proven=True, luma=None):
+        summary = {"ssim": {"mean": ssim}, **({"ssim_luma": {"mean": luma}} if luma is not None else {})}
         return {"model": model, "strength": 1.0, "float_accuracy": acc, "int8_accuracy": acc,
                 "attacks": {"inverse": {"precisions": {"int8": {"summary": summary}}}},
                 "verdict": {"power": {"by_attack": {"inverse": {"int8": {"proven": proven}}}}}}
@@ -308,6 +308,11 @@ def test_the_papers_claim_needs_a_50_percent_cut_within_3_points_under_the_prove
     assert "does not reach" in cifar10.paper_claim(rec("d", 0.88, 0.50), none)  # 44% cut
     assert "more than 3" in cifar10.paper_claim(rec("d", 0.86, 0.10), none)  # 4 points
     assert "no reconstruction attack proved" in cifar10.paper_claim(rec("d", 0.88, 0.1, proven=False), none)
+    # colour images: the smaller of the RGB and luminance cuts decides (false colours are not privacy)
+    colour_none = rec("none", 0.90, 0.90, luma=0.95)
+    line = cifar10.paper_claim(rec("d", 0.88, 0.40, luma=0.76), colour_none)
+    assert "does not reach" in line and "int8 luminance SSIM falls 20% (0.950 -> 0.760)" in line
+    assert "reaches the papers' claim" in cifar10.paper_claim(rec("d", 0.88, 0.40, luma=0.45), colour_none)
     assert cifar10.int8_cost({**rec("d", 0.88, 0.4), "int8_accuracy": 0.86}) is None  # 2 points: no line
     line = cifar10.int8_cost({**rec("d", 0.84, 0.4), "int8_accuracy": 0.22,
                               "int8_output": {"step": 1.98, "zero_point_share": 0.983}})

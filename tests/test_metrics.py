@@ -105,6 +105,29 @@ def test_rgb_matches_skimage_with_channel_axis(pairs):
     np.testing.assert_allclose(metrics.image_scores(rgb_x, rgb_y)["ssim"], sk_mean, atol=1e-4)
 
 
+def test_colour_images_get_luminance_ssim_as_skimage_scores_rgb2gray(pairs):
+    color = pytest.importorskip("skimage.color")
+    x, perturbed = pairs
+    rgb_x = np.concatenate([x, perturbed["blur"], x], axis=1)[:10]
+    rgb_y = np.concatenate([perturbed["noise"], perturbed["mixed"], perturbed["blur"]], axis=1)[:10]
+    expected = [skm.structural_similarity(color.rgb2gray(a.transpose(1, 2, 0)), color.rgb2gray(b.transpose(1, 2, 0)),
+                                          **SKIMAGE_SSIM) for a, b in zip(rgb_x, rgb_y)]
+    np.testing.assert_allclose(metrics.image_scores(rgb_x, rgb_y)["ssim_luma"], expected, atol=1e-4)
+    assert "ssim_luma" not in metrics.image_scores(x, perturbed["noise"])  # one channel: it would repeat "ssim"
+
+
+def test_luminance_ssim_sees_structure_that_lost_its_colour(pairs):
+    """The picture-against-number gap it closes: the same outlines in other colours. A greyscale copy of a
+    colour image keeps every outline; RGB SSIM marks it down, luminance SSIM does not."""
+    x, perturbed = pairs
+    rgb = np.concatenate([x, perturbed["blur"], 1 - x], axis=1)[:10]
+    luma = np.tensordot(metrics.LUMA_WEIGHTS, rgb, axes=([0], [1]))[:, None]
+    grey = np.repeat(luma, 3, axis=1)
+    scores = metrics.image_scores(rgb, grey)
+    assert scores["ssim_luma"].min() > 0.999
+    assert scores["ssim"].max() < 0.9
+
+
 @pytest.mark.parametrize("kind", ["noise", "blur", "mixed"])
 def test_psnr_and_mse_match_skimage(pairs, kind):
     x, perturbed = pairs

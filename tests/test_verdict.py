@@ -131,6 +131,39 @@ def test_identification_of_the_task_class_is_reported_but_does_not_bind_the_defe
     assert _checks(v, "defense", "identification")["int8"]["outcome"] == "fails"
 
 
+def _with_luma(attacks: dict, float_luma, int8_luma) -> dict:
+    """The same attack scored on colour images: luminance SSIM beside RGB SSIM."""
+    for prec, values in (("float", float_luma), ("int8", int8_luma)):
+        rec, extra = attacks["attacks"]["inverse"]["precisions"][prec], _prec({"ssim_luma": np.asarray(values)})
+        rec["summary"].update(extra["summary"])
+        rec["per_image"].update(extra["per_image"])
+    return attacks
+
+
+def test_false_colours_are_not_privacy_and_the_smaller_ssim_cut_is_quoted():
+    """rmle on CIFAR-10 siftfunnel drew every outline in the wrong colours: RGB SSIM fell 60 %, luminance
+    SSIM far less. A defense must cut both, and a survival quotes the smaller cut."""
+    undefended = _with_luma(_attacks(BASE, BASE), BASE, BASE)
+    colours = verdict(_with_luma(_attacks(BASE - 0.4, BASE - 0.4, ident=(0.5, 0.5)), BASE - 0.005, BASE - 0.005),
+                      None, undefended, defense="siftfunnel")
+    assert _checks(colours, "defense")["float"]["outcome"] == "holds"
+    assert _checks(colours, "defense", "ssim_luma")["float"]["outcome"] == "fails"
+    assert _checks(colours, "defense", "ssim_luma")["float"]["binding"]
+    assert colours["outcome"] == "never protected"
+    assert "inverse luminance SSIM on float features" in colours["headline"]
+    both = verdict(_with_luma(_attacks(BASE - 0.4, BASE - 0.4, ident=(0.5, 0.5)), BASE - 0.2, BASE - 0.2),
+                   None, undefended, defense="siftfunnel")
+    assert both["outcome"] == "survives"
+    rgb, luma = (f"{100 * cut / BASE.mean():.0f}% lower" for cut in (0.4, 0.2))
+    assert f"inverse on int8 features: SSIM defended {BASE.mean() - 0.4:.4f} against undefended " in both["headline"]
+    assert rgb in both["headline"] and luma in both["headline"]
+    assert f"(quote {100 * 0.2 / BASE.mean():.0f}%, the smaller SSIM cut: the rest is colour)" in both["headline"]
+    # where RGB SSIM is cut least, nothing more is said: its figure is the one quoted anyway
+    rgb_least = verdict(_with_luma(_attacks(BASE - 0.2, BASE - 0.2, ident=(0.5, 0.5)), BASE - 0.4, BASE - 0.4),
+                        None, undefended, defense="siftfunnel")
+    assert rgb_least["outcome"] == "survives" and "the smaller SSIM cut" not in rgb_least["headline"]
+
+
 def test_never_protected_when_the_defense_does_not_beat_no_defense_in_float():
     undefended = _attacks(BASE, BASE)
     useless = verdict(_attacks(BASE - 0.001, BASE, ident=(0.92, 0.93)), None, undefended, defense="noise")

@@ -407,6 +407,9 @@ def _check_line(c: dict) -> str:
             f"{c['undefended']:.4f}, not lower by more than the tolerance {c['tolerance']:g}.")
 
 
+COLOUR_GAP = 0.05  # an RGB SSIM cut this much larger than the luminance one is named as colour alone
+
+
 def _cut(c: dict) -> float:
     return 1 - c["defended"] / c["undefended"] if c["undefended"] > 0 else 0.0
 
@@ -414,7 +417,8 @@ def _cut(c: dict) -> float:
 def _cut_lines(checks: list[dict]) -> list[str]:
     """How much a surviving defense cuts, one sentence per attack and precision: a survival that leaves
     90% of the leakage reads differently from one that leaves 40%. Where SSIM was scored over RGB and
-    on luminance, the smaller cut is the one to quote: the larger may be colour alone."""
+    on luminance and the RGB cut is clearly larger, the luminance cut is the one to quote: the rest is
+    colour alone."""
     groups: dict = {}
     for c in checks:
         groups.setdefault((c["attack"], c["precision"]), []).append(c)
@@ -422,10 +426,10 @@ def _cut_lines(checks: list[dict]) -> list[str]:
     for (attack, prec), found in groups.items():
         parts = [f"{LEAKAGE_METRICS[c['metric']][1]} defended {c['defended']:.4f} against undefended "
                  f"{c['undefended']:.4f}, {100 * _cut(c):.0f}% lower" for c in found]
-        ssim = [c for c in found if c["metric"] in ("ssim", "ssim_luma")]
-        least = min(ssim, key=_cut) if len(ssim) > 1 else None
-        tail = (f" (quote {100 * _cut(least):.0f}%, the smaller SSIM cut: the rest is colour)"
-                if least is not None and least["metric"] == "ssim_luma" else "")
+        by_metric = {c["metric"]: _cut(c) for c in found}
+        colour = by_metric.get("ssim", 0.0) - by_metric.get("ssim_luma", by_metric.get("ssim", 0.0))
+        tail = (f" (quote {100 * by_metric['ssim_luma']:.0f}%: the RGB cut is {100 * colour:.0f} points larger "
+                "because the colours are wrong, not the outlines)" if colour >= COLOUR_GAP else "")
         out.append(f"{attack} on {prec} features: " + "; ".join(parts) + tail + ".")
     return out
 

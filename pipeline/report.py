@@ -187,6 +187,16 @@ def _power_table(v: dict) -> list[str]:
             _table(["attack", "features", "measure", "attack's", "reference", "ratio", "certifies"], rows), ""]
 
 
+def _outcome_cell(c: dict) -> str:
+    """A check's outcome, saying when the verdict did not count it: a weak attack's checks (compression
+    and defense alike) decide nothing, and a defense check on a reported-only metric does not bind."""
+    if not c.get("certifies", True):
+        return f"{c['outcome']} (not counted: attack too weak)"
+    if c["kind"] == "defense" and not c.get("binding", True):
+        return f"{c['outcome']} (reported, not binding)"
+    return c["outcome"]
+
+
 def _section_verdict(run: Path) -> list[str]:
     from edgeveil.cloud_sim.verdict import outcome_word
 
@@ -206,9 +216,7 @@ def _section_verdict(run: Path) -> list[str]:
         what = (f"{c['precision']} − float (tolerance {c['tolerance']:g})" if c["kind"] == "compression"
                 else f"defended − undefended, {c['precision']} (must be below −{c['tolerance']:g})")
         rows.append([c["attack"], label, what, f"{d['mean']:+.4f}", f"{d['ci95'][0]:+.4f} to {d['ci95'][1]:+.4f}",
-                     c["outcome"] if c["kind"] == "compression" or (c.get("certifies", True) and c.get("binding", True))
-                     else f"{c['outcome']} (reported, not binding)" if c.get("certifies", True)
-                     else f"{c['outcome']} (not counted: attack too weak)"])
+                     _outcome_cell(c)])
     if rows:
         lines += [_table(["attack", "metric", "comparison", "difference", "95% CI", "outcome"], rows), ""]
     lines.append("Leakage metrics: higher means more leakage. Compression holds when the interval's upper end is "

@@ -204,10 +204,9 @@ def test_completion_attacks_prove_power_against_clean_accuracy():
     assert v["outcome"] == "survives"  # judged on pmc alone
 
 
-def test_a_weak_attack_doing_better_on_int8_does_not_decide_does_not_survive():
-    """siftfunnel on CIFAR-10: pmc, too weak to certify (38 % of clean accuracy on the baseline), scored
-    0.162 on float (below training from scratch) and 0.314 on int8. int8 features are a function of
-    the float ones, so that gap is the attack failing in float: reported, never decisive."""
+def _weak_pmc_case() -> tuple[dict, dict]:
+    """(the defended run's attacks, its verdict): siftfunnel on CIFAR-10, where pmc, too weak to certify
+    (38 % of clean accuracy on the baseline), scored 0.162 on float and 0.314 on int8."""
     def pmc(float_acc, int8_acc, clean=0.87):
         return {"precisions": {p: _prec({"accuracy": _ident(a) + RNG.normal(0, 0.01, 300), "clean_accuracy": _ident(clean)})
                                for p, a in (("float", float_acc), ("int8", int8_acc))}}
@@ -215,11 +214,33 @@ def test_a_weak_attack_doing_better_on_int8_does_not_decide_does_not_survive():
     base["attacks"]["pmc"] = pmc(0.33, 0.31)        # 38% of clean accuracy: too weak
     run = _attacks(BASE - 0.3, BASE - 0.3, ident=(0.3, 0.3))   # inverse: proven, cut at both precisions
     run["attacks"]["pmc"] = pmc(0.16, 0.31)
-    v = verdict(run, None, base, defense="siftfunnel")
+    return run, verdict(run, None, base, defense="siftfunnel")
+
+
+def test_a_weak_attack_doing_better_on_int8_does_not_decide_does_not_survive():
+    """pmc below training from scratch on float, better on int8: int8 features are a function of the
+    float ones, so that gap is the attack failing in float: reported, never decisive."""
+    _, v = _weak_pmc_case()
     weak = _checks(v, "compression", "accuracy")["int8"]
     assert weak["outcome"] == "fails" and not weak["certifies"]    # still reported as it is
     assert v["weak"] == ["pmc"] and v["outcome"] == "survives"
     assert not v["evidence"]["compression_failed"]
+
+
+def test_the_report_marks_every_check_of_a_weak_attack_as_not_counted(tmp_path):
+    """The report's check table must not show a bare "fails" that the verdict ignored."""
+    from edgeveil.device.files import atomic_write_json
+    from edgeveil.pipeline.report import _section_verdict
+
+    run, v = _weak_pmc_case()
+    atomic_write_json(tmp_path / "cloud" / "attacks.json", {**run, "verdict": v})
+    rows = [line for chunk in _section_verdict(tmp_path) for line in chunk.splitlines() if line.startswith("| pmc |")]
+    checks = [r for r in rows if "completion accuracy" in r]
+    assert len(checks) == 3 and all(r.endswith("(not counted: attack too weak) |") for r in checks), checks
+    assert any("int8 − float" in r and "| fails (not counted" in r for r in checks)
+    inverse = [line for chunk in _section_verdict(tmp_path) for line in chunk.splitlines()
+               if line.startswith("| inverse | SSIM |")]
+    assert inverse and all(r.endswith("| holds |") for r in inverse)
 
 
 def test_a_failed_attack_is_named_and_judges_nothing():

@@ -10,8 +10,10 @@ only after it has shown, on the undefended baseline at that precision, that it w
 * a reconstruction attack: the evaluator identifies at least `power` (default 0.8) of what it
   identifies on the originals;
 * a completion attack: its accuracy from few labels reaches `power` of the clean accuracy.
-An attack below that is "too weak to certify": its figures are reported, its defense checks are not
-counted.
+An attack below that is "too weak to certify": its figures are reported, its checks are not counted.
+A compression check (int8 - float) needs the attack proven at both precisions: one that fails on float
+features and does better on int8 shows its own failure, since int8 features are a function of the
+float ones (up to runtime noise that rounding erases).
 
 Two questions per attack, metric and precision:
 * compression: does the int8 (or fp16) artifact leak more than the float head on the same images?
@@ -114,10 +116,14 @@ def _all_checks(attacks: dict, baseline: dict | None, powers: dict, same_targets
                 base = baseline["attacks"].get(name)
                 found += (_defense(name, entry, base, metric, same_targets, tol) if base and base.get("precisions")
                           else [] if diagnostic else [_missing(name, metric)])
+            proven = {p: bool(by.get("proven")) for p, by in powers.get(name, {}).items()}
             for c in found:
                 if diagnostic:
                     c.update(outcome="not judged", tolerance=None)
-                c["certifies"] = bool(powers.get(name, {}).get(c["precision"], {}).get("proven"))
+                # int8 - float is evidence only where the attack worked on both sides: an attack too weak
+                # on float features and doing better on int8 shows its own failure, not a leak
+                c["certifies"] = proven.get(c["precision"], False) and (c["kind"] != "compression"
+                                                                        or proven.get("float", False))
             (diagnostics if diagnostic else checks).extend(found)
     return checks, diagnostics
 
@@ -389,8 +395,10 @@ def headline(d: Decision) -> str:
                    + "; ".join(_power_line(n, by) for n, by in d.weak_power.items()) + ".")
     if d.outcome == "baseline":
         c = d.compression
-        out.append(f"Compression checks: {c['holds']} of {sum(c.values())} hold, {c['fails']} fail, "
-                   f"{c['uncertain']} uncertain.")
+        uncounted = c["fails"] - len(ev["compression_failed"])
+        out.append(f"Compression checks: {c['holds']} of {sum(c.values())} hold, {c['fails']} fail"
+                   + (f" ({uncounted} of them by an attack too weak to certify at both precisions, not counted)"
+                      if uncounted else "") + f", {c['uncertain']} uncertain.")
     out += [f"Attack failed: {e}." for e in d.errors]
     out += [f"Skipped, this data is too small for it: {e}." for e in d.skipped]
     out += [f"Warning: {f}." for f in d.flags]

@@ -227,6 +227,20 @@ def test_a_weak_attack_doing_better_on_int8_does_not_decide_does_not_survive():
     assert not v["evidence"]["compression_failed"]
 
 
+def test_a_compression_check_needs_the_attack_proven_on_float_too():
+    """rmle on MNIST at the sweep's budget: identified 75 % of the evaluator on float features (weak),
+    81 % on int8 (proven), and int8 'leaked more'. That difference is the attack failing on float."""
+    weak_float = verdict(_attacks(BASE, BASE + 0.05, ident=(0.70, 0.78)), None)   # 74 % / 82 % of 0.95
+    c = _checks(weak_float, "compression")["int8"]
+    assert c["outcome"] == "fails" and not c["certifies"]
+    assert weak_float["power"]["by_attack"]["inverse"]["int8"]["proven"]
+    assert "leaks more than float" not in weak_float["headline"]
+    assert "not counted" in weak_float["headline"] and "2 fail (2 of them" in weak_float["headline"]
+    both = verdict(_attacks(BASE, BASE + 0.05, ident=(0.80, 0.88)), None)          # proven on both sides
+    assert _checks(both, "compression")["int8"]["certifies"] and "int8 leaks more than float" in both["headline"]
+    assert "not counted" not in both["headline"]
+
+
 def test_the_report_marks_every_check_of_a_weak_attack_as_not_counted(tmp_path):
     """The report's check table must not show a bare "fails" that the verdict ignored."""
     from edgeveil.device.files import atomic_write_json

@@ -2,9 +2,10 @@
 infoscissors, siftfunnel and cem at one strength, with the verdict and each attack's running time.
 
     python benchmarks/attacks.py                          # MNIST on a local Ray, writes benchmarks/results/
+                                                          # (runs in benchmarks/state/attacks: it resumes)
     python benchmarks/attacks.py --address HOST:PORT      # the same sweep on a Ray cluster
     python benchmarks/attacks.py --quick                  # tiny budgets: checks the script, not the numbers
-    edgeveil sweep --config benchmarks/configs/attacks_cifar10.yaml --out benchmarks/runs/attacks/cifar10 \
+    edgeveil sweep --config benchmarks/configs/attacks_cifar10.yaml --out benchmarks/state/attacks/cifar10 \
         --address HOST:PORT                               # CIFAR-10 at real accuracy, on a cluster
     python benchmarks/attacks.py --datasets mnist,cifar10 --tables-only   # tables from the sweeps' folders
 
@@ -33,6 +34,9 @@ import defenses  # noqa: E402  (the budget line and the machine description)
 from edgeveil.device.files import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json  # noqa: E402
 
 REPO = _grid.REPO
+# The sweep's run directories are committed (benchmarks/state/attacks/<dataset>), so a later sitting or
+# another machine resumes them and --tables-only rebuilds the tables from them.
+STATE = REPO / "benchmarks" / "state" / "attacks"
 DATASETS = {"mnist": _grid.CONFIGS / "attacks_mnist.yaml", "cifar10": _grid.CONFIGS / "attacks_cifar10.yaml"}
 ATTACKS = ("inverse", "rmle", "ka", "shadow", "pmc", "mine")
 # --quick: defenses.py's tiny training budget, and each attack's shortest run
@@ -95,8 +99,10 @@ def _ci(s: dict | None, spec=".3f") -> str:
     return f"{s['mean']:{spec}} ({s['ci95'][0]:{spec}}–{s['ci95'][1]:{spec}})"
 
 
-# attack -> the metrics shown (the first is its leakage metric)
-SHOWN = {"inverse": ("ssim", "psnr"), "rmle": ("ssim", "psnr"), "ka": ("ssim", "psnr"), "shadow": ("ssim", "psnr"),
+# attack -> the metrics shown (the first is its leakage metric); a metric a run did not score is left out
+# (luminance SSIM exists for colour images only)
+_RECONSTRUCTION = ("ssim", "ssim_luma", "psnr", "identification")
+SHOWN = {"inverse": _RECONSTRUCTION, "rmle": _RECONSTRUCTION, "ka": _RECONSTRUCTION, "shadow": _RECONSTRUCTION,
          "pmc": ("accuracy", "scratch_accuracy", "clean_accuracy"), "mine": ("mi",)}
 
 
@@ -119,6 +125,8 @@ def table(records: list[dict]) -> str:
         for name, a in r["attacks"].items():
             for metric in SHOWN.get(name, ()):
                 f, i = (_summary(r, name, metric, p) for p in ("float", "int8"))
+                if f is None and i is None:
+                    continue
                 d = a["differences"].get(metric, {}).get("int8")
                 spec = ".2f" if metric in ("psnr",) else ".3f"
                 diff = "-" if d is None else f"{d['mean']:+.3f} ({d['ci95'][0]:+.3f}–{d['ci95'][1]:+.3f})"
@@ -268,7 +276,7 @@ def main(argv=None) -> int:
     ap.add_argument("--datasets", default="mnist", help="comma-separated: mnist, cifar10 (benchmarks/configs/"
                     "attacks_<dataset>.yaml; cifar10 trains cifar10.py's real-accuracy victims: a cluster's job)")
     ap.add_argument("--quick", action="store_true", help="tiny budgets: checks the script, not the numbers")
-    _grid.add_sweep_arguments(ap, REPO / "benchmarks" / "runs" / "attacks")
+    _grid.add_sweep_arguments(ap, STATE)
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     ap.add_argument("--note", help="how the results were produced (processes, threads, load), printed on top")
     args = ap.parse_args(argv)
@@ -276,7 +284,11 @@ def main(argv=None) -> int:
     bad = [d for d in datasets if d not in DATASETS]
     if bad:
         ap.error(f"unknown dataset(s) {bad}; known: {', '.join(DATASETS)}")
-    runs = (args.runs.with_name(args.runs.name + "_quick") if args.quick else args.runs).resolve()
+    if args.quick:  # never into the committed state: a folder of its own, beside --runs or under benchmarks/runs
+        runs = (REPO / "benchmarks" / "runs" / "attacks_quick" if args.runs == STATE
+                else args.runs.with_name(args.runs.name + "_quick")).resolve()
+    else:
+        runs = args.runs.resolve()
     out = args.out.resolve()
     _grid.at_repo_root()
     records, failed = sweep_records(datasets, runs, args)

@@ -1,9 +1,9 @@
 """The verdict: does privacy survive compression?
 
 Judged metrics (higher = more leakage): SSIM (interior; on colour images over RGB and on luminance),
-PSNR, identification (the auditor's
-evaluator on the reconstructions; top-5 too with 20 classes or more) and completion accuracy. MSE is
-reported elsewhere, not judged twice; MINE's MI is a diagnostic (see below).
+PSNR, identification (the auditor's evaluator on the reconstructions; top-5 too with 20 classes or
+more) and completion accuracy. MSE is reported elsewhere, not judged twice; MINE's MI is a diagnostic
+(see below).
 
 Attack power. A failed attack looks like privacy, so an attack certifies a defense at a precision
 only after it has shown, on the undefended baseline at that precision, that it works:

@@ -92,7 +92,7 @@ UNCLAMPED = {"siftfunnel": "int8 accuracy 0.220 against 0.842 in float (output s
 
 def clamp_line(rec: dict) -> str | None:
     """What export clamped in this head (export/clip.py), and what int8 cost without it."""
-    from edgeveil.export.clip import clamp_bounds, describe_clamps
+    from edgeveil.device.manifest import clamp_bounds, describe_clamps
 
     clamps = clamp_bounds(rec)
     if not clamps:
@@ -114,35 +114,38 @@ def int8_cost(rec: dict) -> str | None:
     return warning and f"**{rec['model']} {rec['strength']:g}**: {warning}"
 
 
+LABELS = {"ssim": "SSIM", "ssim_luma": "luminance SSIM"}
+
+
 def paper_claim(rec: dict, none: dict) -> str:
     """Does the defense reach the papers' claim (SSIM cut >= 50% at <= 3 points of accuracy) under the
     strongest reconstruction attack that proved its power (the one whose int8 SSIM the defense cuts least)?
     Each attack's cut is the smaller of its RGB and luminance SSIM cuts: false colours are not privacy."""
     powers = rec["verdict"].get("power", {}).get("by_attack", {})
-    cuts, scored = {}, {}
+    cuts = {}  # (attack, score) -> the int8 cut against the undefended model
     for attack, by_prec in powers.items():
-        for metric in ("ssim", "ssim_luma"):
+        if not by_prec.get("int8", {}).get("proven"):
+            continue
+        for metric in LABELS:
             ours, theirs = _mean(rec, attack, "int8", metric), _mean(none, attack, "int8", metric)
-            if by_prec.get("int8", {}).get("proven") and ours is not None and theirs:
-                if attack not in cuts or 1 - ours / theirs < cuts[attack]:
-                    cuts[attack], scored[attack] = 1 - ours / theirs, metric
+            if ours is not None and theirs:
+                cuts[attack, metric] = 1 - ours / theirs
     if not cuts:
         return f"**{rec['model']} {rec['strength']:g}**: no reconstruction attack proved its power, so no claim is checked."
-    attack = min(cuts, key=cuts.get)
-    metric = scored[attack]
+    attack, metric = min(cuts, key=cuts.get)  # the proven attack, and the score, the defense cuts least
+    cut = cuts[attack, metric]
     points = 100 * (none["float_accuracy"] - rec["float_accuracy"])
-    reached = cuts[attack] >= 0.5 and points <= 3
-    why = [] if reached else [w for w, bad in (("the cut is under 50%", cuts[attack] < 0.5),
+    reached = cut >= 0.5 and points <= 3
+    why = [] if reached else [w for w, bad in (("the cut is under 50%", cut < 0.5),
                                                (f"it costs {points:.1f} points, more than 3", points > 3)) if bad]
     return (f"**{rec['model']} {rec['strength']:g}**: {'reaches' if reached else 'does not reach'} the papers' claim"
             f"{'' if reached else ' (' + '; '.join(why) + ')'}. Under {attack} (the proven attack it cuts least) "
-            f"int8 {LABELS[metric]} falls {100 * cuts[attack]:.0f}% ({_mean(none, attack, 'int8', metric):.3f} -> "
+            f"int8 {LABELS[metric]} falls {100 * cut:.0f}% ({_mean(none, attack, 'int8', metric):.3f} -> "
             f"{_mean(rec, attack, 'int8', metric):.3f}), at {points:.1f} points of float accuracy "
             f"({none['float_accuracy']:.3f} -> {rec['float_accuracy']:.3f}; int8 {none['int8_accuracy']:.3f} -> "
             f"{rec['int8_accuracy']:.3f}).")
 
 
-LABELS = {"ssim": "SSIM", "ssim_luma": "luminance SSIM"}
 GRIDS = ("inverse", "rmle")  # the reconstruction attacks whose grids the results show
 
 
@@ -227,6 +230,13 @@ def markdown(records: list[dict], pending: dict[str, str] | None = None) -> str:
             if clamped else [])
     if none is not None and "pmc" in none["attacks"]:
         lines += completion_table(none)
+    lines += grid_lines(records)
+    return "\n".join(lines) + "\n"
+
+
+def grid_lines(records: list[dict]) -> list[str]:
+    """A section per attack in GRIDS: each model's reconstruction grid under its scores."""
+    lines = []
     for attack in GRIDS:
         grids = [r for r in records if (Path(r["run_dir"]) / "cloud" / f"{attack}.png").is_file()]
         if grids:
@@ -234,7 +244,7 @@ def markdown(records: list[dict], pending: dict[str, str] | None = None) -> str:
             lines += [f"**{r['model']} {r['strength']:g}**: SSIM {_pair(r, attack, 'ssim')}, luminance SSIM "
                       f"{_pair(r, attack, 'ssim_luma')}, identified {_pair(r, attack, 'identification')} "
                       f"(float / int8)\n\n![{r['model']} {attack}](cifar10_{r['model']}_{attack}.png)\n" for r in grids]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def completion_table(none: dict) -> list[str]:

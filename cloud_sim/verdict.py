@@ -434,9 +434,9 @@ def _cut_lines(checks: list[dict]) -> list[str]:
     for (attack, prec), found in groups.items():
         parts = [f"{LEAKAGE_METRICS[c['metric']][1]} defended {c['defended']:.4f} against undefended "
                  f"{c['undefended']:.4f}, {100 * _cut(c):.0f}% lower" for c in found]
-        by_metric = {c["metric"]: _cut(c) for c in found}
-        colour = by_metric.get("ssim", 0.0) - by_metric.get("ssim_luma", by_metric.get("ssim", 0.0))
-        tail = (f" (quote {100 * by_metric['ssim_luma']:.0f}%: the RGB cut is {100 * colour:.0f} points larger "
+        cut = {c["metric"]: _cut(c) for c in found}
+        colour = cut["ssim"] - cut["ssim_luma"] if {"ssim", "ssim_luma"} <= cut.keys() else 0.0
+        tail = (f" (quote {100 * cut['ssim_luma']:.0f}%: the RGB cut is {100 * colour:.0f} points larger "
                 "because the colours are wrong, not the outlines)" if colour >= COLOUR_GAP else "")
         out.append(f"{attack} on {prec} features: " + "; ".join(parts) + tail + ".")
     return out

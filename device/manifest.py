@@ -37,7 +37,7 @@ from .files import read_json, sha256_file
 
 __all__ = [
     "SCHEMA_VERSION", "PRECISIONS", "tensor_entry", "sent_entry", "artifact_entry", "validate_manifest",
-    "read_manifest", "artifact_path", "accuracy_warning", "ACCURACY_LOSS_WARNING",
+    "read_manifest", "artifact_path", "accuracy_warning", "ACCURACY_LOSS_WARNING", "clamp_bounds", "describe_clamps",
 ]
 
 SCHEMA_VERSION = "edgeveil.manifest/2"
@@ -100,6 +100,17 @@ def accuracy_warning(precision: str, float_accuracy: float | None, accuracy: flo
     return (f"{precision}: the tail's accuracy on these features is {accuracy:.3f} against {float_accuracy:.3f} in float, "
             f"{100 * (float_accuracy - accuracy):.1f} points lost{where}. Privacy measured on this artifact partly "
             "comes from that loss.")
+
+
+def clamp_bounds(manifest: dict) -> list[dict]:
+    """The clamps a manifest records ([] for none, or a manifest from before clamps existed)."""
+    return list((manifest.get("activation_clamps") or {}).get("clamps") or [])
+
+
+def describe_clamps(clamps: list[dict]) -> str:
+    """One phrase per clamp, for the reports: the tensor, its bounds and the range it had."""
+    return "; ".join(f"{c['module'] or 'the head output'} to [{c['low']:.3g}, {c['high']:.3g}] (it ranged "
+                     f"{c['min']:.3g} to {c['max']:.3g})" for c in clamps)
 
 
 # ------------------------------------------------------------------------------- checking

@@ -26,6 +26,8 @@ import copy
 
 import numpy as np
 
+from edgeveil.device.manifest import clamp_bounds, describe_clamps  # re-exported: the manifest owns the field
+
 __all__ = ["MODES", "PERCENTILE", "MIN_RATIO", "FLOAT_AGREEMENT", "find_clamps", "clamped_head", "clamp_bounds",
            "describe_clamps"]
 
@@ -71,17 +73,6 @@ def find_clamps(head, tail, calibration, *, percentile: float = PERCENTILE, min_
             refused[todo["module"]] = got
     return {"percentile": percentile, "min_ratio": min_ratio, "float_agreement_target": float_agreement,
             "samples": int(len(x)), "clamps": clamps, "float_agreement": agreement, "candidates": candidates}
-
-
-def clamp_bounds(manifest: dict) -> list[dict]:
-    """The clamps a manifest records ([] for none, or a manifest from before clamps existed)."""
-    return list((manifest.get("activation_clamps") or {}).get("clamps") or [])
-
-
-def describe_clamps(clamps: list[dict]) -> str:
-    """One phrase per clamp, for the reports: the tensor, its bounds and the range it had."""
-    return "; ".join(f"{c['module'] or 'the head output'} to [{c['low']:.3g}, {c['high']:.3g}] (it ranged "
-                     f"{c['min']:.3g} to {c['max']:.3g})" for c in clamps)
 
 
 def clamped_head(head, manifest: dict):

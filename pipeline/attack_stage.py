@@ -20,7 +20,8 @@ from typing import NamedTuple
 import numpy as np
 
 from edgeveil.device.files import read_json
-from edgeveil.export.clip import clamp_bounds, clamped_head
+from edgeveil.device.manifest import clamp_bounds
+from edgeveil.export.clip import clamped_head
 
 log = logging.getLogger(__name__)
 

@@ -80,7 +80,7 @@ def _clamp_lines(record: dict | None) -> list[str]:
     """The activations export clamped (export/clip.py), with the range each had."""
     if not record or not record.get("clamps"):
         return []
-    from edgeveil.export.clip import describe_clamps
+    from edgeveil.device.manifest import describe_clamps
 
     return [f"\n**Activations clamped** ({record['percentile']} % band, over {record['min_ratio']:g}x narrower than "
             f"the full range): {describe_clamps(record['clamps'])}. Rare outliers would have taken each one's whole "

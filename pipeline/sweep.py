@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from edgeveil.device.files import atomic_path, read_json
-from edgeveil.export.clip import clamp_bounds, describe_clamps
+from edgeveil.device.manifest import clamp_bounds, describe_clamps
 
 __all__ = ["find_runs", "collect", "write_sweep_report"]
 

@@ -3,7 +3,9 @@
 A classifier the auditor trains on its own labelled split (`Splits.evaluator`, disjoint from the
 victim's training set, the attacker's auxiliary set and the test targets), with an architecture
 unlike every victim architecture: a residual all-convolutional net with GroupNorm and SiLU (the
-victims use BatchNorm and ReLU-family activations). It classifies each reconstruction; its accuracy
+victims use BatchNorm and ReLU-family activations). It must read a reconstruction the way a person
+does, through wrong backgrounds, colours, halos and dots, so it trains on such distortions of its
+images (`distort.py`) and sees grey images through a local-contrast front end. It classifies each reconstruction; its accuracy
 there, beside its accuracy on the originals, is the identification score of the model-inversion
 literature (top-1, and top-5 when there are 20 classes or more).
 
@@ -32,8 +34,13 @@ log = logging.getLogger(__name__)
 __all__ = ["ARCH", "RECIPE", "Evaluator", "cache_dir", "get_evaluator", "TOP5_MIN_CLASSES", "MIN_PER_CLASS"]
 
 ARCH = "evalnet: residual all-conv, GroupNorm + SiLU, widths 16/32/64, global average pool"
-RECIPE = {"version": 1, "widths": [16, 32, 64], "epochs": 30, "min_steps": 300, "max_steps": 3000, "batch_size": 128,
-          "lr": 2e-3, "weight_decay": 5e-4, "optimizer": "adamw, cosine"}
+# Version 2 reads reconstructions the way a person does (see cloud_sim/distort.py): it trains on
+# distorted copies of its images, and on grey images it sees local contrast, not raw levels. Measured on
+# MNIST (900 training images) against version 1: originals 0.921 -> 0.98, siftfunnel rmle reconstructions
+# that a person reads 63 of 64 of: 0.108 -> 0.8. Small batches, many steps: the distortions need steps.
+RECIPE = {"version": 2, "widths": [16, 32, 64], "epochs": 160, "min_steps": 1000, "max_steps": 16000, "batch_size": 32,
+          "lr": 2e-3, "weight_decay": 5e-4, "optimizer": "adamw, one-cycle", "label_smoothing": 0.1,
+          "distort": 0.7, "grey_front": {"pre_blur": 0.8, "sigma": 4.0}}
 TOP5_MIN_CLASSES = 20
 MIN_PER_CLASS = 5  # below this many labelled images in some class, no evaluator is trained
 
@@ -42,7 +49,28 @@ def cache_dir() -> Path:
     return Path(os.environ.get("EDGEVEIL_CACHE", Path.home() / ".cache" / "edgeveil")) / "evaluators"
 
 
+def _local_contrast(pre_blur: float, sigma: float):
+    """A fixed front end (no weights): each pixel minus its neighbourhood's mean, over the
+    neighbourhood's spread, after a light blur that fades one-pixel dots. What a reconstruction
+    shifts smoothly (background level, a gradient, a colour cast) it removes."""
+    from torch import nn
+
+    from .distort import gaussian_blur
+
+    class LocalContrast(nn.Module):
+        def forward(self, x):
+            if pre_blur:
+                x = gaussian_blur(x, pre_blur)
+            d = x - gaussian_blur(x, sigma)
+            spread = gaussian_blur(d.pow(2).mean(1, keepdim=True), sigma).sqrt()
+            return d / (spread + 0.1 * spread.mean((2, 3), keepdim=True) + 1e-3)
+
+    return LocalContrast()
+
+
 def _net(in_channels: int, num_classes: int, widths):
+    """The classifier; grey images go through the local-contrast front end first (it does not help
+    colour photos: measured on CIFAR-10, 0.646 on originals with it, 0.667 without)."""
     from torch import nn
 
     class Block(nn.Module):
@@ -63,6 +91,8 @@ def _net(in_channels: int, num_classes: int, widths):
         layers.append(Block(c, w, 1 if i == 0 else 2))
         c = w
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2), nn.Linear(c, num_classes)]
+    if in_channels == 1:
+        layers.insert(0, _local_contrast(**RECIPE["grey_front"]))
     return nn.Sequential(*layers)
 
 
@@ -165,6 +195,8 @@ def _train(images_u8, labels, num_classes, key, seed, progress, device_name) -> 
 
     from edgeveil.training.trainer import augment_batch, resolve_device
 
+    from .distort import distort
+
     device = resolve_device(device_name)
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(labels))
@@ -172,14 +204,14 @@ def _train(images_u8, labels, num_classes, key, seed, progress, device_name) -> 
     x = torch.from_numpy(images_u8.transpose(0, 3, 1, 2).astype(np.float32) / 255.0)
     mean = x.mean(dim=(0, 2, 3)).tolist()
     std = x.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
-    x = (x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
+    m, s = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
     y = torch.from_numpy(np.asarray(labels, np.int64))
     tr, va = torch.from_numpy(order[n_val:]), torch.from_numpy(order[:n_val])
     torch.manual_seed(seed)
     model = _net(x.shape[1], num_classes, RECIPE["widths"]).to(device)
     bs = RECIPE["batch_size"]
     steps_per_epoch = -(-len(tr) // bs)
-    # 30 epochs, but at least min_steps (small splits) and at most max_steps (large ones) optimizer steps
+    # `epochs` epochs, but at least min_steps (small splits) and at most max_steps (large ones) optimizer steps
     steps = min(RECIPE["max_steps"], max(RECIPE["min_steps"], RECIPE["epochs"] * steps_per_epoch))
     epochs = max(1, steps // steps_per_epoch)
     opt = torch.optim.AdamW(model.parameters(), lr=RECIPE["lr"], weight_decay=RECIPE["weight_decay"])
@@ -192,8 +224,8 @@ def _train(images_u8, labels, num_classes, key, seed, progress, device_name) -> 
         for _ in range(epochs):
             model.train()
             for idx in tr[torch.randperm(len(tr), generator=gen)].split(bs):
-                xb = augment_batch(x[idx], kind, gen).to(device)
-                loss = F.cross_entropy(model(xb), y[idx].to(device), label_smoothing=0.1)
+                xb = augment_batch((distort(x[idx], gen, RECIPE["distort"]) - m) / s, kind, gen).to(device)
+                loss = F.cross_entropy(model(xb), y[idx].to(device), label_smoothing=RECIPE["label_smoothing"])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -201,9 +233,9 @@ def _train(images_u8, labels, num_classes, key, seed, progress, device_name) -> 
                 bar.update(len(idx))
     model = model.cpu().eval()
     with torch.no_grad():
-        val_acc = float((model(x[va]).argmax(1) == y[va]).float().mean())
+        val_acc = float((model((x[va] - m) / s).argmax(1) == y[va]).float().mean())
     info = {"key": key, "arch": ARCH, "recipe": RECIPE, "trained_on": int(len(tr)), "validation": int(n_val),
-            "validation_accuracy": val_acc, "epochs": epochs, "seconds": round(time.perf_counter() - t0, 1),
-            "mean": mean, "std": std}
+            "validation_accuracy": val_acc, "epochs": epochs, "steps": epochs * steps_per_epoch,
+            "seconds": round(time.perf_counter() - t0, 1), "mean": mean, "std": std}
     log.info("evaluator trained on %d images in %.0f s: validation accuracy %.3f", len(tr), info["seconds"], val_acc)
     return Evaluator(model, mean, std, num_classes, info)

@@ -20,7 +20,9 @@ Two questions per attack, metric and precision:
   d = mean(int8 - float), paired per image, 95% bootstrap interval. holds when the interval's upper
   end is within the tolerance; fails when its lower end is beyond it (a mean past the tolerance with
   an interval reaching back to it is noise, not evidence: it cannot decide "does not survive");
-  uncertain otherwise.
+  uncertain otherwise. A failure must replicate: the attack stage runs the attack again with another
+  seed on both precisions (the entry's `replicate`), and a failure that does not fail again is
+  uncertain: the bootstrap covers the images, not the attack's own variance.
 * defense: does the defense beat no defense at this precision? d = defended - undefended (paired
   when both runs attacked the same images). holds when the whole interval is below minus the
   tolerance; fails otherwise. Binding for SSIM (RGB and luminance: a defense that only shifts colours
@@ -57,7 +59,7 @@ import numpy as np
 from . import metrics
 
 __all__ = ["DEFENSE_METRICS", "DIAGNOSTIC_METRICS", "LEAKAGE_METRICS", "DEFAULT_TOLERANCE", "DEFAULT_POWER", "OUTCOMES",
-           "Decision", "attack_power", "decide", "headline", "outcome_word", "verdict"]
+           "Decision", "attack_power", "decide", "failing_compression", "headline", "outcome_word", "verdict"]
 
 # metric -> (tolerance key, label, format)
 LEAKAGE_METRICS = {"ssim": ("ssim", "SSIM", "+.4f"), "ssim_luma": ("ssim", "luminance SSIM", "+.4f"),
@@ -184,12 +186,48 @@ def _compression(name: str, entry: dict, metric: str, tol: dict) -> list[dict]:
         d = _paired_or_means(entry["precisions"]["float"], rec, metric)
         if d is None:
             continue
-        mean, lo, hi = d
-        outcome = "holds" if hi <= t else "fails" if lo > t else "uncertain"
-        out.append({"attack": name, "metric": metric, "kind": "compression", "precision": prec,
-                    "difference": {"mean": mean, "ci95": [lo, hi], "of": f"{prec} - float"},
-                    "tolerance": t, "outcome": outcome})
+        check = {"attack": name, "metric": metric, "kind": "compression", "precision": prec,
+                 "difference": _difference(d, f"{prec} - float"), "tolerance": t, "outcome": _outcome_of(d, t)}
+        if check["outcome"] == "fails":
+            _second_seed(check, entry.get("replicate"), metric, t)
+        out.append(check)
     return out
+
+
+def _outcome_of(d: tuple[float, float, float], t: float) -> str:
+    return "holds" if d[2] <= t else "fails" if d[1] > t else "uncertain"
+
+
+def _difference(d: tuple[float, float, float], of: str) -> dict:
+    return {"mean": d[0], "ci95": [d[1], d[2]], "of": of}
+
+
+def _second_seed(check: dict, replicate: dict | None, metric: str, t: float) -> None:
+    """A failing compression check counts only when it replicates: the same attack, run again with
+    another seed on float and on the compressed features, must fail it too. A learned or optimised
+    attack's result varies with its seed, and the bootstrap over images does not see that (MNIST rmle
+    at 300 steps: float SSIM 0.926, int8 0.941, on features int8 rounds from the float ones)."""
+    runs = (replicate or {}).get("precisions", {})
+    if "float" not in runs or check["precision"] not in runs:
+        return
+    d = _paired_or_means(runs["float"], runs[check["precision"]], metric)
+    if d is None:
+        return
+    again = _outcome_of(d, t)
+    check["replicate"] = {"seed": replicate["seed"], "difference": _difference(d, check["difference"]["of"]),
+                          "outcome": again}
+    if again != "fails":
+        check["outcome"] = "uncertain"
+        check["note"] = (f"did not replicate: with attack seed {replicate['seed']} the difference is "
+                         f"{d[0]:+.4g} (95% CI {d[1]:+.4g} to {d[2]:+.4g}), so the gap is the attack's variance")
+
+
+def failing_compression(entry: dict, tolerance: dict | None = None) -> list[str]:
+    """The compressed precisions where this attack entry fails a compression check of a judged metric:
+    the ones to run again with another attack seed before the check may count."""
+    tol = {**DEFAULT_TOLERANCE, **(tolerance or {})}
+    return sorted({c["precision"] for m in _metrics(entry) if m in LEAKAGE_METRICS
+                   for c in _compression("", {**entry, "replicate": None}, m, tol) if c["outcome"] == "fails"})
 
 
 def _defense(name: str, entry: dict, base: dict, metric: str, paired: bool, tol: dict) -> list[dict]:
@@ -287,10 +325,12 @@ def decide(checks: list[dict], powers: dict, defense: str | None, has_baseline: 
     evidence = _evidence(checks, powers, at_float, compressed)
     outcome, missing, decided_by = _outcome(evidence, at_float, compressed, weak, defense, has_baseline)
     comp = [c["outcome"] for c in checks if c["kind"] == "compression"]
+    unreplicated = sum(1 for c in checks if c["kind"] == "compression" and "note" in c and "replicate" in c)
     return Decision(outcome=outcome, defense=defense, missing=missing, weak=weak,
                     errors=_attack_notes(attacks, "error"), skipped=_attack_notes(attacks, "skipped"),
                     evidence=evidence, decided_by=[_reference(c) for c in decided_by],
-                    compression={o: comp.count(o) for o in ("holds", "fails", "uncertain")},
+                    compression={**{o: comp.count(o) for o in ("holds", "fails", "uncertain")},
+                                 "not_replicated": unreplicated},
                     weak_power={n: by for n, by in powers.items() if n in weak}, threshold=threshold,
                     flags=_flags(attacks))
 
@@ -396,9 +436,13 @@ def headline(d: Decision) -> str:
     if d.outcome == "baseline":
         c = d.compression
         uncounted = c["fails"] - len(ev["compression_failed"])
-        out.append(f"Compression checks: {c['holds']} of {sum(c.values())} hold, {c['fails']} fail"
+        total = c["holds"] + c["fails"] + c["uncertain"]
+        again = c.get("not_replicated", 0)
+        out.append(f"Compression checks: {c['holds']} of {total} hold, {c['fails']} fail"
                    + (f" ({uncounted} of them by an attack too weak to certify at both precisions, not counted)"
-                      if uncounted else "") + f", {c['uncertain']} uncertain.")
+                      if uncounted else "") + f", {c['uncertain']} uncertain"
+                   + (f" ({again} of them failed once and did not replicate with another attack seed)" if again else "")
+                   + ".")
     out += [f"Attack failed: {e}." for e in d.errors]
     out += [f"Skipped, this data is too small for it: {e}." for e in d.skipped]
     out += [f"Warning: {f}." for f in d.flags]
@@ -409,8 +453,11 @@ def _check_line(c: dict) -> str:
     label, fmt = LEAKAGE_METRICS[c["metric"]][1], LEAKAGE_METRICS[c["metric"]][2]
     if c["kind"] == "compression":
         d = c["difference"]
+        again = c.get("replicate")
         return (f"{c['attack']} {label}: {c['precision']} leaks more than float by {d['mean']:{fmt}} "
-                f"(95% CI {d['ci95'][0]:+.4f} to {d['ci95'][1]:+.4f}), beyond the tolerance {c['tolerance']:g}.")
+                f"(95% CI {d['ci95'][0]:+.4f} to {d['ci95'][1]:+.4f}), beyond the tolerance {c['tolerance']:g}"
+                + (f", and again with attack seed {again['seed']} ({again['difference']['mean']:{fmt}})" if again else "")
+                + ".")
     return (f"{c['attack']} {label} on {c['precision']} features: defended {c['defended']:.4f} against undefended "
             f"{c['undefended']:.4f}, not lower by more than the tolerance {c['tolerance']:g}.")
 

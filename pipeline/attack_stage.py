@@ -178,7 +178,7 @@ def attack_stage(cfg, run_dir: Path, names: list[str] | None = None, progress: b
     from edgeveil.cloud_sim.attacks import create
     from edgeveil.cloud_sim.grid import save_grid
     from edgeveil.cloud_sim.preflight import attack_plan, describe_plan, split_sizes
-    from edgeveil.cloud_sim.verdict import verdict
+    from edgeveil.cloud_sim.verdict import failing_compression, verdict
     from edgeveil.cloud_sim.store import default_keys_path, load_or_create_keys
     from edgeveil.device.files import atomic_write_json
     from edgeveil.device.runner import HeadRunner
@@ -245,6 +245,10 @@ def attack_stage(cfg, run_dir: Path, names: list[str] | None = None, progress: b
                 _score_reconstructions(entry["precisions"][prec], recon, inputs, evaluator, cfg.seed)
                 entry["precisions"][prec]["reconstructions"] = f"attacks/{name}.{prec}.npz"  # uint8, as scored
         entry["differences"] = _differences(entry["precisions"], metrics)
+        again = failing_compression(entry, cfg.attack.tolerance)
+        if again:  # a compression failure counts only if it replicates with another attack seed
+            entry["replicate"] = _replicate(name, attack, ["float", *again], features, inputs, run_dir, artifact_ids,
+                                            evaluator, cfg.seed + 1, progress)
         if plan[name].scaled:
             entry["scaled_to_data"] = plan[name].scaled
         if recons and all(r is not None for r in recons.values()):
@@ -319,14 +323,31 @@ class _Features:
         return self._cache[prec, what]
 
 
+def _replicate(name: str, attack, precisions: list[str], features: _Features, inputs: _Inputs, run_dir: Path,
+               artifact_ids: dict, evaluator, seed: int, progress: bool) -> dict:
+    """The attack again with another seed on `precisions`, scored like the first run: {"seed", "precisions"}."""
+    log.warning("%s: a compression check fails; running it again with attack seed %d on %s features to see "
+                "whether that replicates", name, seed, ", ".join(precisions))
+    entry, recons = _attack_entry(name, attack, features, inputs, run_dir / "cloud" / "attacks", artifact_ids, seed,
+                                  progress, precisions=precisions, suffix=f".seed{seed}")
+    for prec, recon in recons.items():
+        if recon is not None:
+            _score_reconstructions(entry["precisions"][prec], recon, inputs, evaluator, seed)
+    return {"seed": seed, "precisions": entry["precisions"]}
+
+
 def _attack_entry(name: str, attack, features: _Features, inputs: _Inputs, folder: Path, artifact_ids: dict,
-                  seed: int, progress: bool) -> tuple[dict, dict]:
-    """One attack on every precision, finished ones read back from `folder`; (entry, reconstructions)."""
+                  seed: int, progress: bool, precisions: list[str] | None = None,
+                  suffix: str = "") -> tuple[dict, dict]:
+    """One attack on every precision (or those given), finished ones read back from `folder`;
+    (entry, reconstructions). Records are NAME.PRECISION{suffix}.json/.npz."""
     entry = {"threat_model": attack.threat_model.describe(), "description": attack.description,
              "paper": attack.paper, "options": attack.options, "precisions": {}}
     recons = {}
     for prec, victim in features.victims.items():
-        stem = f"{name}.{prec}"
+        if precisions is not None and prec not in precisions:
+            continue
+        stem = f"{name}.{prec}{suffix}"
         key = _record_key(name, attack, prec, victim, artifact_ids[prec], inputs.indices, len(inputs.aux_images),
                           seed)
         done = _load_record(folder, stem, key)

@@ -189,11 +189,18 @@ def _power_table(v: dict) -> list[str]:
 
 def _outcome_cell(c: dict) -> str:
     """A check's outcome, saying when the verdict did not count it: a weak attack's checks (compression
-    and defense alike) decide nothing, and a defense check on a reported-only metric does not bind."""
+    and defense alike) decide nothing, a defense check on a reported-only metric does not bind, and a
+    compression failure says whether it replicated with another attack seed."""
     if not c.get("certifies", True):
         return f"{c['outcome']} (not counted: attack too weak)"
     if c["kind"] == "defense" and not c.get("binding", True):
         return f"{c['outcome']} (reported, not binding)"
+    again = c.get("replicate")
+    if again:
+        d = again["difference"]
+        verb = "failed again" if again["outcome"] == "fails" else "did not replicate"
+        return (f"{c['outcome']} ({verb} with attack seed {again['seed']}: {d['mean']:+.4f}, "
+                f"CI {d['ci95'][0]:+.4f} to {d['ci95'][1]:+.4f})")
     return c["outcome"]
 
 

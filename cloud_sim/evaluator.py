@@ -37,7 +37,8 @@ ARCH = "evalnet: residual all-conv, GroupNorm + SiLU, widths 16/32/64, global av
 # Version 2 reads reconstructions the way a person does (see cloud_sim/distort.py): it trains on
 # distorted copies of its images, and on grey images it sees local contrast, not raw levels. Measured on
 # MNIST (900 training images) against version 1: originals 0.921 -> 0.98, siftfunnel rmle reconstructions
-# that a person reads 63 of 64 of: 0.108 -> 0.8. Small batches, many steps: the distortions need steps.
+# (a person read 63 of 64): 0.108 -> 0.82; CIFAR-10 originals 0.629 -> 0.704. Small batches, many steps:
+# at the same 2,400 steps, batches of 32 read 0.78 of those rmle digits, batches of 128 0.76, 16 0.69.
 RECIPE = {"version": 2, "widths": [16, 32, 64], "epochs": 160, "min_steps": 1000, "max_steps": 16000, "batch_size": 32,
           "lr": 2e-3, "weight_decay": 5e-4, "optimizer": "adamw, one-cycle", "label_smoothing": 0.1,
           "distort": 0.7, "grey_front": {"pre_blur": 0.8, "sigma": 4.0}}

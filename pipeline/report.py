@@ -198,7 +198,7 @@ def _outcome_cell(c: dict) -> str:
     again = c.get("replicate")
     if again:
         d = again["difference"]
-        verb = "failed again" if again["outcome"] == "fails" else "did not replicate"
+        verb = {"fails": "failed again", "same": "reproduced exactly"}.get(again["outcome"], "did not replicate")
         return (f"{c['outcome']} ({verb} with attack seed {again['seed']}: {d['mean']:+.4f}, "
                 f"CI {d['ci95'][0]:+.4f} to {d['ci95'][1]:+.4f})")
     return c["outcome"]

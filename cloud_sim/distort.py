@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .metrics import luma
+
 __all__ = ["distort", "gaussian_blur"]
 
 
@@ -97,8 +99,7 @@ def _redraw_grey(x: torch.Tensor, gen) -> torch.Tensor:
 def _recolour(x: torch.Tensor, gen) -> torch.Tensor:
     b, _, h, w = x.shape
     u = lambda lo, hi, c=1: _uniform(lo, hi, (b, c, 1, 1), gen)  # noqa: E731
-    luma = 0.2125 * x[:, :1] + 0.7154 * x[:, 1:2] + 0.0721 * x[:, 2:]
-    y = torch.where(_coin(b, 0.2, gen), luma.expand_as(x), x)
+    y = torch.where(_coin(b, 0.2, gen), luma(x).expand_as(x), x)
     y = y * u(0.5, 1.5, 3) + u(-0.25, 0.25, 3)
     y = torch.where(_coin(b, 0.25, gen), y[:, torch.randperm(3, generator=gen)], y)
     mean = y.mean((1, 2, 3), keepdim=True)

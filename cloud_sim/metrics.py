@@ -26,7 +26,7 @@ import numpy as np
 
 __all__ = [
     "SSIM_CONVENTION", "PSNR_CAP_DB", "RANGE_TOLERANCE", "BORDER",
-    "LUMA_WEIGHTS", "image_scores", "ssim_maps", "bootstrap_ci", "paired_bootstrap_diff", "bootstrap_diff", "summarize",
+    "LUMA_WEIGHTS", "luma", "image_scores", "ssim_maps", "bootstrap_ci", "paired_bootstrap_diff", "bootstrap_diff", "summarize",
 ]
 
 WINDOW = 11
@@ -83,15 +83,15 @@ def image_scores(originals, reconstructions) -> dict[str, np.ndarray]:
             "mse": mse.double().numpy(),
         }
         if target.shape[1] == 3:
-            out["ssim_luma"] = _ssim(_luma(target), _luma(preds))[0].double().numpy()
+            out["ssim_luma"] = _ssim(luma(target), luma(preds))[0].double().numpy()
         return out
 
 
-def _luma(images):
-    """(N, 3, H, W) RGB -> (N, 1, H, W) luminance, weighted as scikit-image's rgb2gray."""
+def luma(images):
+    """(N, 3, H, W) RGB tensor -> (N, 1, H, W) luminance, weighted as scikit-image's rgb2gray."""
     import torch
 
-    weights = torch.tensor(LUMA_WEIGHTS, dtype=images.dtype).view(1, 3, 1, 1)
+    weights = torch.tensor(LUMA_WEIGHTS, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
     return (images * weights).sum(dim=1, keepdim=True)
 
 

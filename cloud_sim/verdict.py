@@ -114,6 +114,9 @@ def _all_checks(attacks: dict, baseline: dict | None, powers: dict, same_targets
         for metric in _metrics(entry):
             diagnostic = metric in DIAGNOSTIC_METRICS
             found = _compression(name, entry, metric, tol)
+            for c in found:
+                if c["outcome"] == "fails":
+                    _second_seed(c, entry, metric)
             if baseline is not None:
                 base = baseline["attacks"].get(name)
                 found += (_defense(name, entry, base, metric, same_targets, tol) if base and base.get("precisions")
@@ -186,11 +189,8 @@ def _compression(name: str, entry: dict, metric: str, tol: dict) -> list[dict]:
         d = _paired_or_means(entry["precisions"]["float"], rec, metric)
         if d is None:
             continue
-        check = {"attack": name, "metric": metric, "kind": "compression", "precision": prec,
-                 "difference": _difference(d, f"{prec} - float"), "tolerance": t, "outcome": _outcome_of(d, t)}
-        if check["outcome"] == "fails":
-            _second_seed(check, entry, metric, t)
-        out.append(check)
+        out.append({"attack": name, "metric": metric, "kind": "compression", "precision": prec,
+                    "difference": _difference(d, f"{prec} - float"), "tolerance": t, "outcome": _outcome_of(d, t)})
     return out
 
 
@@ -202,7 +202,7 @@ def _difference(d: tuple[float, float, float], of: str) -> dict:
     return {"mean": d[0], "ci95": [d[1], d[2]], "of": of}
 
 
-def _second_seed(check: dict, entry: dict, metric: str, t: float) -> None:
+def _second_seed(check: dict, entry: dict, metric: str) -> None:
     """A failing compression check counts only when it replicates: the same attack, run again with
     another seed on float and on the compressed features, must fail it too. A learned or optimised
     attack's result varies with its seed, and the bootstrap over images does not see that (MNIST rmle
@@ -214,7 +214,7 @@ def _second_seed(check: dict, entry: dict, metric: str, t: float) -> None:
     d = _paired_or_means(runs["float"], runs[check["precision"]], metric)
     if d is None:
         return
-    again = _outcome_of(d, t)
+    again = _outcome_of(d, check["tolerance"])
     check["replicate"] = {"seed": replicate["seed"], "difference": _difference(d, check["difference"]["of"]),
                           "outcome": again}
     if _same_per_image(runs, entry["precisions"], metric):
@@ -239,7 +239,7 @@ def failing_compression(entry: dict, tolerance: dict | None = None) -> list[str]
     the ones to run again with another attack seed before the check may count."""
     tol = {**DEFAULT_TOLERANCE, **(tolerance or {})}
     return sorted({c["precision"] for m in _metrics(entry) if m in LEAKAGE_METRICS
-                   for c in _compression("", {**entry, "replicate": None}, m, tol) if c["outcome"] == "fails"})
+                   for c in _compression("", entry, m, tol) if c["outcome"] == "fails"})
 
 
 def _defense(name: str, entry: dict, base: dict, metric: str, paired: bool, tol: dict) -> list[dict]:

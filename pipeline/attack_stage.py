@@ -240,10 +240,7 @@ def attack_stage(cfg, run_dir: Path, names: list[str] | None = None, progress: b
             out["attacks"][name] = {"error": f"{type(e).__name__}: {e}", "precisions": {},
                                     "threat_model": attack.threat_model.describe(), "options": attack.options}
             continue
-        if recons and all(r is not None for r in recons.values()):
-            for prec, recon in recons.items():
-                _score_reconstructions(entry["precisions"][prec], recon, inputs, evaluator, cfg.seed)
-                entry["precisions"][prec]["reconstructions"] = f"attacks/{name}.{prec}.npz"  # uint8, as scored
+        _score_all(entry, recons, name, inputs, evaluator, cfg.seed)
         entry["differences"] = _differences(entry["precisions"], metrics)
         again = failing_compression(entry, cfg.attack.tolerance)
         if again:  # a compression failure counts only if it replicates with another attack seed
@@ -325,15 +322,27 @@ class _Features:
 
 def _replicate(name: str, attack, precisions: list[str], features: _Features, inputs: _Inputs, run_dir: Path,
                artifact_ids: dict, evaluator, seed: int, progress: bool) -> dict:
-    """The attack again with another seed on `precisions`, scored like the first run: {"seed", "precisions"}."""
+    """The attack again with another seed on `precisions`, scored like the first run: {"seed", "precisions"}.
+    If it fails, {"seed", "error"}: the failing check then stands, untested."""
     log.warning("%s: a compression check fails; running it again with attack seed %d on %s features to see "
                 "whether that replicates", name, seed, ", ".join(precisions))
-    entry, recons = _attack_entry(name, attack, features, inputs, run_dir / "cloud" / "attacks", artifact_ids, seed,
-                                  progress, precisions=precisions, suffix=f".seed{seed}")
-    for prec, recon in recons.items():
-        if recon is not None:
-            _score_reconstructions(entry["precisions"][prec], recon, inputs, evaluator, seed)
+    try:
+        entry, recons = _attack_entry(name, attack, features, inputs, run_dir / "cloud" / "attacks", artifact_ids,
+                                      seed, progress, precisions=precisions, suffix=f".seed{seed}")
+    except Exception as e:  # the first run's results, the verdict and the report still come
+        log.exception("attack %s with seed %d failed", name, seed)
+        return {"seed": seed, "error": f"{type(e).__name__}: {e}"}
+    _score_all(entry, recons, name, inputs, evaluator, seed, suffix=f".seed{seed}")
     return {"seed": seed, "precisions": entry["precisions"]}
+
+
+def _score_all(entry: dict, recons: dict, name: str, inputs, evaluator, seed: int, suffix: str = "") -> None:
+    """Score each precision's reconstructions (when every precision has them) and name their .npz."""
+    if not recons or any(r is None for r in recons.values()):
+        return
+    for prec, recon in recons.items():
+        _score_reconstructions(entry["precisions"][prec], recon, inputs, evaluator, seed)
+        entry["precisions"][prec]["reconstructions"] = f"attacks/{name}.{prec}{suffix}.npz"  # uint8, as scored
 
 
 def _attack_entry(name: str, attack, features: _Features, inputs: _Inputs, folder: Path, artifact_ids: dict,

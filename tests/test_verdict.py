@@ -270,6 +270,11 @@ def test_a_compression_failure_counts_only_when_it_replicates_with_another_attac
     v = verdict(real, None, undefended, defense="noise")
     assert v["outcome"] == "does not survive" and "and again with attack seed 1 (+0.1100)" in v["headline"]
     assert _checks(v, "compression")["int8"]["replicate"]["outcome"] == "fails"
+    # a second run that failed tests nothing: the first failure stands, with no second difference claimed
+    broken = _attacks(BASE, BASE + 0.05)
+    broken["attacks"]["inverse"]["replicate"] = {"seed": 1, "error": "RuntimeError: out of memory"}
+    c = _checks(verdict(broken, {"ssim": 0.02}), "compression")["int8"]
+    assert c["outcome"] == "fails" and "replicate" not in c
     # an attack that ignores its seed (rmle with one restart starts from grey) reproduces the gap exactly:
     # that is how it behaves, so the failure stands and says why a second seed could not test it
     first = _attacks(BASE, BASE + 0.05)
